@@ -1,0 +1,169 @@
+"""Reads a DenseNet into the plan the relevance pass follows, and checks it.
+
+The plan names, for every channel range of a dense block's concatenated features, which
+consumers' relevances flow back into it and through which BatchNorm fold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch.nn as nn
+
+
+class UnsupportedModelError(ValueError):
+    """The model does not have the structure ISNet's relevance pass needs."""
+
+
+@dataclass
+class DenseLayerPlan:
+    name: str
+    module: nn.Module
+    in_channels: int  # channels of the concatenation this layer reads
+    out_start: int  # where its new features sit in the block's concatenation
+    out_stop: int
+
+
+@dataclass
+class DenseBlockPlan:
+    name: str
+    module: nn.Module
+    in_channels: int
+    out_channels: int
+    layers: List[DenseLayerPlan]
+    post_norm: nn.BatchNorm2d  # the next transition's norm, or norm5
+    transition: Optional[nn.Module]  # the transition after this block, None for the last
+    # consumers[m]: (producer, BatchNorm) pairs fed by layer m's relevance; producer 0 is the
+    # block input, producer l the features of layer l (both 1-based like the layer names).
+    consumers: Dict[int, List[Tuple[int, nn.BatchNorm2d]]] = field(default_factory=dict)
+
+    def producer_slice(self, producer: int) -> slice:
+        if producer == 0:
+            return slice(0, self.in_channels)
+        layer = self.layers[producer - 1]
+        return slice(layer.out_start, layer.out_stop)
+
+
+@dataclass
+class DenseNetPlan:
+    features: nn.Module
+    classifier_pre: Optional[nn.Module]  # modules before the Linear (the dropout), or None
+    classifier: nn.Linear
+    blocks: List[DenseBlockPlan]
+
+
+def _child(parent: nn.Module, name: str, where: str) -> nn.Module:
+    module = getattr(parent, name, None) if name in dict(parent.named_children()) else None
+    if module is None:
+        raise UnsupportedModelError(
+            f"the model has no module '{where}{name}', which the relevance pass needs; "
+            "IsDenseFast takes an isnet_fast.DenseNet (or a model with the original ISNet DenseNet's layout)")
+    return module
+
+
+def _expect(module: nn.Module, kind, where: str):
+    if not isinstance(module, kind):
+        raise UnsupportedModelError(
+            f"'{where}' is a {type(module).__name__}, but the relevance pass needs a {kind.__name__} there")
+
+
+def _layer_number(name: str) -> int:
+    return int(name[len("denselayer"):])
+
+
+def consumer_pairs(layer_names: List[str], reference_pairing: bool) -> Dict[int, List[Tuple[int, int]]]:
+    """For each layer m of a block (1-based), the (producer, BatchNorm's layer) pairs its relevance feeds.
+
+    The block input (producer 0) takes every layer's relevance through that layer's norm1. A
+    layer l takes the relevance of every later layer m through m's norm1. With
+    ``reference_pairing`` the pairing is the original's, which picks the later layers by the
+    last digit of their names ("denselayer12" counts as 2) and then pairs them, in descending
+    order, with the relevances of the last layers: in blocks of ten or more layers it drops
+    and misaligns consumers. The reference fixtures were made with it.
+    """
+    n = len(layer_names)
+    pairs: Dict[int, List[Tuple[int, int]]] = {m: [(0, m)] for m in range(1, n + 1)}
+    for producer in range(1, n + 1):
+        later = list(range(n, producer, -1))
+        if reference_pairing:
+            later = [m for m in later if int(layer_names[m - 1][-1]) > producer]
+        for i, norm_layer in enumerate(later):
+            pairs[n - i].append((producer, norm_layer))
+    return pairs
+
+
+def build_plan(model: nn.Module, reference_pairing: bool = True) -> DenseNetPlan:
+    """Reads the DenseNet's structure, raising UnsupportedModelError where it cannot be used."""
+    features = _child(model, "features", "")
+    for name in ("conv0", "norm0", "relu0", "pool0", "norm5", "fReLU", "AdaptPool"):
+        _child(features, name, "features.")
+    _expect(features.conv0, nn.Conv2d, "features.conv0")
+    _expect(features.pool0, nn.MaxPool2d, "features.pool0")
+    _expect(features.AdaptPool, nn.AdaptiveAvgPool2d, "features.AdaptPool")
+    if tuple(nn.modules.utils._pair(features.AdaptPool.output_size)) != (1, 1):
+        raise UnsupportedModelError("features.AdaptPool must pool to 1x1, as in the DenseNet")
+
+    classifier = _child(model, "classifier", "")
+    classifier_pre = None
+    if isinstance(classifier, nn.Sequential):
+        if len(classifier) == 0 or not isinstance(classifier[-1], nn.Linear):
+            raise UnsupportedModelError("a Sequential classifier must end with a Linear, e.g. Sequential(Dropout, Linear)")
+        classifier_pre = classifier[:-1]
+        classifier = classifier[-1]
+    _expect(classifier, nn.Linear, "classifier")
+
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ReLU) and module.inplace:
+            raise UnsupportedModelError(
+                f"'{name}' is an in-place ReLU: the relevance pass reads the activations it would "
+                "overwrite. Build it with nn.ReLU(inplace=False)")
+        if isinstance(module, nn.BatchNorm2d) and (not module.affine or not module.track_running_stats):
+            raise UnsupportedModelError(f"'{name}' must be an affine BatchNorm2d with running statistics")
+        if isinstance(module, nn.Conv2d) and module.bias is not None:
+            raise UnsupportedModelError(f"'{name}' has a bias; the DenseNet's convolutions have none")
+
+    block_names = sorted((n for n, _ in features.named_children() if n.startswith("denseblock")),
+                         key=lambda n: int(n[len("denseblock"):]))
+    if not block_names:
+        raise UnsupportedModelError("the model has no 'features.denseblock1'")
+    blocks = []
+    channels = features.norm0.num_features
+    for b, block_name in enumerate(block_names, start=1):
+        if block_name != f"denseblock{b}":
+            raise UnsupportedModelError(f"dense blocks must be numbered 1, 2, ...; found '{block_name}'")
+        block = getattr(features, block_name)
+        layer_names = [n for n, _ in block.named_children()]
+        if not layer_names or any(n != f"denselayer{i}" for i, n in enumerate(layer_names, start=1)):
+            raise UnsupportedModelError(f"features.{block_name} must hold denselayer1, denselayer2, ...")
+        layers = []
+        start = channels
+        for layer_name in layer_names:
+            layer = getattr(block, layer_name)
+            where = f"features.{block_name}.{layer_name}."
+            for part in ("norm1", "relu1", "conv1", "norm2", "relu2", "conv2"):
+                _child(layer, part, where)
+            growth = layer.conv2.out_channels
+            if layer.norm1.num_features != start:
+                raise UnsupportedModelError(f"{where}norm1 has {layer.norm1.num_features} channels, expected {start}")
+            layers.append(DenseLayerPlan(layer_name, layer, start, start, start + growth))
+            start += growth
+        transition = getattr(features, f"transition{b}", None) if b < len(block_names) else None
+        if b < len(block_names):
+            transition = _child(features, f"transition{b}", "features.")
+            for part in ("norm", "relu", "conv", "relu2", "pool"):
+                _child(transition, part, f"features.transition{b}.")
+            pool = transition.pool
+            _expect(pool, nn.AvgPool2d, f"features.transition{b}.pool")
+            if nn.modules.utils._pair(pool.kernel_size) != (2, 2) or nn.modules.utils._pair(pool.stride) != (2, 2) \
+                    or nn.modules.utils._pair(pool.padding) != (0, 0) or pool.ceil_mode:
+                raise UnsupportedModelError(f"features.transition{b}.pool must be AvgPool2d(kernel_size=2, stride=2)")
+            post_norm = transition.norm
+        else:
+            post_norm = features.norm5
+        plan = DenseBlockPlan(block_name, block, channels, start, layers, post_norm, transition)
+        for m, pairs in consumer_pairs(layer_names, reference_pairing).items():
+            plan.consumers[m] = [(producer, layers[norm_layer - 1].module.norm1) for producer, norm_layer in pairs]
+        blocks.append(plan)
+        channels = transition.conv.out_channels if transition is not None else start
+    return DenseNetPlan(features, classifier_pre, classifier, blocks)
