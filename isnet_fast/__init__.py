@@ -1,10 +1,7 @@
 """isnet-fast: a fast, exact drop-in for ISNet's DenseNet LRP block."""
 
 from .densenet import DenseNet, convert_torchvision_state_dict, densenet121, densenet161, densenet169, densenet201
-try:
-    from .loss import heatmap_loss
-except ImportError:  # TEMP
-    pass
+from .loss import heatmap_loss
 from .model import IsDenseFast
 
 __all__ = [

@@ -118,7 +118,7 @@ def heatmap_loss(heatmap, mask, cut=1, cut2=25, reduction='mean', norm=True, A=1
         )
 
     with torch.autocast(device_type=heatmap.device.type, enabled=False):
-        if not multiMask:
+        if not multiMask:  # a view; the batch-wide RoI mean below counts it once per class, as the reference
             mask = mask.unsqueeze(1).expand(-1, n_classes, -1, -1, -1)
         background = (1 - mask).float()
         mask = mask.float()

@@ -24,7 +24,9 @@ ZB_LOW, ZB_HIGH = 0.0, 1.0  # the z^B rule's pixel bounds, as in the original
 
 def stabilize(z: torch.Tensor, e: float) -> torch.Tensor:
     """z + e * sign(z), with sign(0) = +1."""
-    return torch.where(z >= 0, z + e, z - e)
+    # The sign term is a constant for autograd: adding it keeps the backward a pass-through.
+    sign = (z.detach() >= 0).to(z.dtype) * (2 * e) - e
+    return z + sign
 
 
 def batchnorm_fold(bn: nn.BatchNorm2d, batch_input: torch.Tensor = None) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -117,30 +119,51 @@ class _Accumulator:
     """Sums the consumers' quotients per channel range of a block's concatenation.
 
     Without autograd it adds in place into one block-wide tensor, so each consumer's quotient
-    is freed at once. With autograd it keeps the pieces and sums them when a producer needs them.
+    is freed at once. With autograd it splits each quotient into its producers' ranges once
+    (one cheap backward node, where per-range slicing would zero-fill a full gradient per range)
+    and sums a producer's pieces when it needs them.
     """
 
-    def __init__(self, first: torch.Tensor, in_place: bool):
+    def __init__(self, block: DenseBlockPlan, first: torch.Tensor, in_place: bool):
         self.in_place = in_place
+        self.widths = [block.in_channels] + [layer.out_stop - layer.out_start for layer in block.layers]
         if in_place:
             self.total = first
         else:
-            self.pieces = [first]
+            self.pieces = [[] for _ in self.widths]
+            self._split(first)
+
+    def _split(self, quotient: torch.Tensor) -> None:
+        count = width_segments(quotient.shape[2], self.widths)
+        for producer, piece in enumerate(torch.split(quotient, self.widths[:count], dim=2)):
+            self.pieces[producer].append(piece)
 
     def add(self, relevance: torch.Tensor, gate: torch.Tensor) -> None:
         if self.in_place:
             self.total[:, :, :relevance.shape[2]].addcmul_(relevance, gate.unsqueeze(1))
         else:
-            self.pieces.append(relevance * gate.unsqueeze(1))
+            self._split(relevance * gate.unsqueeze(1))
 
-    def take(self, sl: slice) -> torch.Tensor:
+    def take(self, producer: int) -> torch.Tensor:
         if self.in_place:
-            return self.total[:, :, sl]
-        parts = [p[:, :, sl] for p in self.pieces if p.shape[2] >= sl.stop]
-        total = parts[0]
-        for part in parts[1:]:
-            total = total + part
+            start = sum(self.widths[:producer])
+            return self.total[:, :, start:start + self.widths[producer]]
+        pieces = self.pieces[producer]
+        self.pieces[producer] = []  # its last consumer has used it
+        total = pieces[0]
+        for piece in pieces[1:]:
+            total = total + piece
         return total
+
+
+def width_segments(width: int, widths) -> int:
+    """How many producer ranges (block input first) make up the first ``width`` channels."""
+    total = 0
+    for count, w in enumerate(widths, start=1):
+        total += w
+        if total == width:
+            return count
+    raise AssertionError(f"{width} channels do not end on a producer boundary")
 
 
 def block_relevance(block: DenseBlockPlan, acts, post_relevance: torch.Tensor, e: float,
@@ -155,12 +178,12 @@ def block_relevance(block: DenseBlockPlan, acts, post_relevance: torch.Tensor, e
     batch = features.shape[0]
     post_scale, post_shift = batchnorm_fold(block.post_norm, features)
     post_gate = _gate(acts.post_relu_out, features * _channels(post_scale) + _channels(post_shift), e, post_scale)
-    accumulator = _Accumulator(post_relevance * post_gate.unsqueeze(1), in_place)
+    accumulator = _Accumulator(block, post_relevance * post_gate.unsqueeze(1), in_place)
     folds = consumer_folds(block, features)
     for layer_plan, layer_acts in zip(reversed(block.layers), reversed(acts.layers)):
         layer = layer_plan.module
         m = int(layer_plan.name[len("denselayer"):])
-        quotient = accumulator.take(slice(layer_plan.out_start, layer_plan.out_stop))
+        quotient = accumulator.take(m)
         spatial = features.shape[-2:]
         back = conv_transpose(layer.conv2, _flat(quotient), spatial)
         norm2_scale, norm2_shift = batchnorm_fold(layer.norm2, layer_acts.conv1_out)
@@ -172,7 +195,7 @@ def block_relevance(block: DenseBlockPlan, acts, post_relevance: torch.Tensor, e
         inputs = features[:, :layer_plan.in_channels]
         gate1 = _gate(layer_acts.relu1_out, inputs * _channels(scale) + _channels(shift), e, scale)
         accumulator.add(_unflat(back, batch), gate1)
-    return accumulator.take(slice(0, block.in_channels))
+    return accumulator.take(0)
 
 
 def _spread_average_pool(quotient: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,1 @@
+"""Triton kernels of isnet-fast, installed as ``isnet_fast.kernels``."""

@@ -1,0 +1,33 @@
+"""Build script for isnet-fast."""
+
+import re
+from pathlib import Path
+
+from setuptools import setup
+
+HERE = Path(__file__).resolve().parent
+VERSION = re.search(r'^__version__\s*=\s*["\']([^"\']+)["\']',
+                    (HERE / "isnet_fast" / "__init__.py").read_text(encoding="utf-8"), re.M).group(1)
+
+setup(
+    name="isnet-fast",
+    version=VERSION,
+    description="Fused Triton kernels for ISNet's LRP block and a drop-in IsDenseFast.",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8") if (HERE / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    packages=["isnet_fast", "isnet_fast.kernels"],
+    package_dir={"isnet_fast": "isnet_fast", "isnet_fast.kernels": "kernels"},
+    python_requires=">=3.9",
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.2; platform_system=='Linux'",
+        "numpy<2.4",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark"],
+        "torchvision": ["torchvision"],
+        "demo": ["scikit-learn", "matplotlib", "tqdm", "pillow"],
+        "lightning": ["lightning"],
+    },
+    entry_points={"console_scripts": ["isnet-fast = isnet_fast.cli:main"]},
+)

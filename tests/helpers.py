@@ -1,0 +1,30 @@
+"""Helpers the tests import (``from helpers import rel_err, load_fixture``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+FIXTURE_DIR = Path(__file__).resolve().parent / "fixtures"
+
+
+def load_fixture(name: str):
+    """Loads ``tests/fixtures/<name>`` (``.pt`` may be left off), tensors only."""
+    path = FIXTURE_DIR / name
+    if not path.suffix:
+        path = path.with_suffix(".pt")
+    return torch.load(path, weights_only=True, map_location="cpu")
+
+
+def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    """``max|ours - ref| / max|ref|``; the absolute error where ``ref`` is all zero."""
+    ours = torch.as_tensor(ours).detach().to("cpu", torch.float64)
+    ref = torch.as_tensor(ref).detach().to("cpu", torch.float64)
+    if ours.shape != ref.shape:
+        raise ValueError(f"shapes differ: {tuple(ours.shape)} vs {tuple(ref.shape)}")
+    if ref.numel() == 0:
+        return 0.0
+    err = (ours - ref).abs().max().item()
+    scale = ref.abs().max().item()
+    return err / scale if scale > 0 else err
