@@ -9,6 +9,7 @@ from typing import Mapping, Union
 import torch
 import torch.nn as nn
 
+from . import torch_ops
 from .forward import check_input, run_forward
 from .relevance import relevance
 from .structure import build_plan
@@ -48,7 +49,7 @@ class IsDenseFast(nn.Module):
         if not self.heat:
             return self.DenseNet(x)
         acts = run_forward(plan, x)
-        return acts.y, relevance(plan, acts, float(self.e), bool(self.Zb))
+        return acts.y, relevance(plan, acts, float(self.e), bool(self.Zb), ops_for(self.backend, x))
 
     def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True, assign: bool = False):
         """Loads our checkpoints, the original IsDense's and its Lightning module's.
@@ -79,3 +80,19 @@ class IsDenseFast(nn.Module):
         model = cls(DenseNet, **kwargs)
         model.load_state_dict(state_dict)
         return model
+
+
+def ops_for(backend: str, x: torch.Tensor):
+    """The elementwise ops module for ``backend`` and the device of ``x``."""
+    if backend == "torch" or (backend == "auto" and not x.is_cuda):
+        return torch_ops
+    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(
+            "backend='triton' compiles its kernels for CUDA tensors; these are on the CPU. Use backend='torch' "
+            "(or 'auto'), or run the kernels in Triton's interpreter by setting TRITON_INTERPRET=1 before "
+            "importing isnet_fast (slow: for tests)")
+    try:
+        from . import triton_ops
+    except ImportError as error:  # triton missing (not Linux, or not installed)
+        raise RuntimeError(f"backend='triton' needs the triton package: {error}") from error
+    return triton_ops

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from .forward import Activations
-from .relevance import ZB_HIGH, ZB_LOW, batchnorm_fold, stabilize
+from .relevance import ZB_HIGH, ZB_LOW, batchnorm_fold
+from .torch_ops import stabilize
 from .structure import DenseNetPlan
 
 

@@ -1,10 +1,13 @@
-"""The fused relevance pass in plain torch ops.
+"""The fused relevance pass.
 
 Every convolution's relevance goes back through one transposed convolution, however many
 layers consume its output: each consumer's epsilon-rule quotient (its BatchNorm folded into
 the producer, with the stabiliser) is summed channel-wise first. Everything that does not
 depend on the class (activations, folds, stabilised denominators) is computed once per image
 as a "gate" and broadcast over the classes; relevance tensors are ``B x C x ch x H x W``.
+
+The elementwise steps come from an ops module: ``torch_ops`` (plain torch) or
+``triton_ops`` (fused Triton kernels with autograd Functions); convolutions stay torch's.
 """
 
 from __future__ import annotations
@@ -15,18 +18,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import torch_ops
 from .forward import Activations
-from .functions import max_unpool_overwrite, overwrite_winners
 from .structure import DenseBlockPlan, DenseNetPlan
+from .torch_ops import stabilize
 
 ZB_LOW, ZB_HIGH = 0.0, 1.0  # the z^B rule's pixel bounds, as in the original
-
-
-def stabilize(z: torch.Tensor, e: float) -> torch.Tensor:
-    """z + e * sign(z), with sign(0) = +1."""
-    # The sign term is a constant for autograd: adding it keeps the backward a pass-through.
-    sign = (z.detach() >= 0).to(z.dtype) * (2 * e) - e
-    return z + sign
 
 
 def batchnorm_fold(bn: nn.BatchNorm2d, batch_input: torch.Tensor = None) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -46,10 +43,6 @@ def batchnorm_fold(bn: nn.BatchNorm2d, batch_input: torch.Tensor = None) -> Tupl
     scale = bn.weight / std
     shift = bn.weight * (-mean / std) + bn.bias.detach()
     return scale, shift
-
-
-def _channels(v: torch.Tensor) -> torch.Tensor:
-    return v.view(1, -1, 1, 1)
 
 
 def conv_transpose(conv: nn.Conv2d, relevance: torch.Tensor, input_hw, weight: torch.Tensor = None) -> torch.Tensor:
@@ -109,12 +102,6 @@ def consumer_folds(block: DenseBlockPlan, block_input: torch.Tensor) -> Dict[int
     return folds
 
 
-def _gate(activation: torch.Tensor, z: torch.Tensor, e: float, scale: torch.Tensor = None) -> torch.Tensor:
-    """activation * scale / stabilize(z): the class-independent factor of an epsilon step."""
-    gate = activation / stabilize(z, e)
-    return gate if scale is None else gate * _channels(scale)
-
-
 class _Accumulator:
     """Sums the consumers' quotients per channel range of a block's concatenation.
 
@@ -124,8 +111,9 @@ class _Accumulator:
     and sums a producer's pieces when it needs them.
     """
 
-    def __init__(self, block: DenseBlockPlan, first: torch.Tensor, in_place: bool):
+    def __init__(self, block: DenseBlockPlan, first: torch.Tensor, in_place: bool, ops):
         self.in_place = in_place
+        self.ops = ops
         self.widths = [block.in_channels] + [layer.out_stop - layer.out_start for layer in block.layers]
         if in_place:
             self.total = first
@@ -138,11 +126,12 @@ class _Accumulator:
         for producer, piece in enumerate(torch.split(quotient, self.widths[:count], dim=2)):
             self.pieces[producer].append(piece)
 
-    def add(self, relevance: torch.Tensor, gate: torch.Tensor) -> None:
+    def add(self, relevance, act, pre, scale, shift, e) -> None:
+        """Adds relevance times its gate into the channels it covers."""
         if self.in_place:
-            self.total[:, :, :relevance.shape[2]].addcmul_(relevance, gate.unsqueeze(1))
+            self.ops.gated_accumulate_(self.total[:, :, :relevance.shape[2]], relevance, act, pre, scale, shift, e)
         else:
-            self._split(relevance * gate.unsqueeze(1))
+            self._split(self.ops.gated_product(relevance, act, pre, scale, shift, e))
 
     def take(self, producer: int) -> torch.Tensor:
         if self.in_place:
@@ -167,7 +156,7 @@ def width_segments(width: int, widths) -> int:
 
 
 def block_relevance(block: DenseBlockPlan, acts, post_relevance: torch.Tensor, e: float,
-                    in_place: bool) -> torch.Tensor:
+                    in_place: bool, ops) -> torch.Tensor:
     """Relevance through a dense block.
 
     ``post_relevance`` is the class-expanded factor c such that the relevance at the post-block
@@ -176,50 +165,31 @@ def block_relevance(block: DenseBlockPlan, acts, post_relevance: torch.Tensor, e
     """
     features = acts.output
     batch = features.shape[0]
+    spatial = features.shape[-2:]
     post_scale, post_shift = batchnorm_fold(block.post_norm, features)
-    post_gate = _gate(acts.post_relu_out, features * _channels(post_scale) + _channels(post_shift), e, post_scale)
-    accumulator = _Accumulator(block, post_relevance * post_gate.unsqueeze(1), in_place)
+    first = ops.gated_product(post_relevance.expand(-1, -1, -1, *spatial), acts.post_relu_out, features,
+                              post_scale, post_shift, e)
+    accumulator = _Accumulator(block, first, in_place, ops)
     folds = consumer_folds(block, features)
     for layer_plan, layer_acts in zip(reversed(block.layers), reversed(acts.layers)):
         layer = layer_plan.module
         m = int(layer_plan.name[len("denselayer"):])
-        quotient = accumulator.take(m)
-        spatial = features.shape[-2:]
-        back = conv_transpose(layer.conv2, _flat(quotient), spatial)
+        back = conv_transpose(layer.conv2, _flat(accumulator.take(m)), spatial)
         norm2_scale, norm2_shift = batchnorm_fold(layer.norm2, layer_acts.conv1_out)
-        gate2 = _gate(layer_acts.relu2_out,
-                      layer_acts.conv1_out * _channels(norm2_scale) + _channels(norm2_shift), e, norm2_scale)
-        back = _unflat(back, batch) * gate2.unsqueeze(1)
+        back = ops.gated_product(_unflat(back, batch), layer_acts.relu2_out, layer_acts.conv1_out,
+                                 norm2_scale, norm2_shift, e)
         back = conv_transpose(layer.conv1, _flat(back), spatial)
         scale, shift = folds[m]
-        inputs = features[:, :layer_plan.in_channels]
-        gate1 = _gate(layer_acts.relu1_out, inputs * _channels(scale) + _channels(shift), e, scale)
-        accumulator.add(_unflat(back, batch), gate1)
+        accumulator.add(_unflat(back, batch), layer_acts.relu1_out, features[:, :layer_plan.in_channels],
+                        scale, shift, e)
     return accumulator.take(0)
 
 
-def _spread_average_pool(quotient: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """2x2 average-pool relevance spreading times a per-pixel factor, without a convolution.
-
-    quotient: B x C x ch x h x w; factor: B x ch x H x W with H >= 2h. Rows and columns the
-    pool dropped (odd sizes) get none.
-    """
-    batch, classes, channels, h, w = quotient.shape
-    height, width = factor.shape[-2:]
-    core = factor[:, :, :2 * h, :2 * w].reshape(batch, 1, channels, h, 2, w, 2)
-    spread = (quotient[:, :, :, :, None, :, None] * core).reshape(batch, classes, channels, 2 * h, 2 * w)
-    if (height, width) != (2 * h, 2 * w):
-        spread = F.pad(spread, (0, width - 2 * w, 0, height - 2 * h))
-    return spread
-
-
-def transition_relevance(block: DenseBlockPlan, acts, next_quotient: torch.Tensor, e: float) -> torch.Tensor:
+def transition_relevance(block: DenseBlockPlan, acts, next_quotient: torch.Tensor, e: float, ops) -> torch.Tensor:
     """From the next block's input quotient back to the class-expanded factor at this block's
     post ReLU: average-pool spreading, then the transition conv's epsilon step."""
-    conv = block.transition.conv
-    factor = acts.transition_relu2_out / stabilize(acts.transition_conv_out, e) / 4.0
-    spread = _spread_average_pool(next_quotient, factor)
-    back = conv_transpose(conv, _flat(spread), acts.output.shape[-2:])
+    spread = ops.pool_spread(next_quotient, acts.transition_relu2_out, acts.transition_conv_out, e)
+    back = conv_transpose(block.transition.conv, _flat(spread), acts.output.shape[-2:])
     return _unflat(back, spread.shape[0])
 
 
@@ -240,41 +210,40 @@ def classifier_relevance(plan: DenseNetPlan, acts: Activations, e: float) -> tor
     return factor[..., None, None]
 
 
-def stem_relevance(plan: DenseNetPlan, acts: Activations, quotient: torch.Tensor, e: float, zb: bool) -> torch.Tensor:
+def stem_relevance(plan: DenseNetPlan, acts: Activations, quotient: torch.Tensor, e: float, zb: bool,
+                   ops) -> torch.Tensor:
     """From the first block's input quotient to the input heatmaps: max-pool un-pooling (with the
     original's overwrite rule) and conv0/norm0 by the z^B rule or the epsilon rule."""
     f = plan.features
-    x, conv0 = acts.x, f.conv0
-    input_hw = acts.relu0_out.shape[-2:]
-    winners = overwrite_winners(acts.pool0_indices, tuple(input_hw))
-    unpooled = max_unpool_overwrite(quotient, acts.pool0_indices, winners, input_hw)
+    x, conv0, pool = acts.x, f.conv0, f.pool0
     scale, shift = batchnorm_fold(f.norm0, acts.conv0_out)
-    z = acts.conv0_out * _channels(scale) + _channels(shift)
+    z = acts.conv0_out * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
     weight = conv0.weight * scale.view(-1, 1, 1, 1)
-    batch = x.shape[0]
-    if not zb:
-        back = conv_transpose(conv0, _flat(unpooled * _gate(acts.relu0_out, z, e).unsqueeze(1)), x.shape[-2:], weight)
-        return _unflat(back, batch) * x.unsqueeze(1)
-    # z^B: subtract what the bounds l (low) and h (high) would give, from positive and negative weights
-    ones = x.new_ones(1, *x.shape[1:])
-    weights, bounds = [weight], []
-    for bound, clip in ((ZB_LOW, torch.clamp_min), (ZB_HIGH, torch.clamp_max)):
-        if bound != 0:
-            w_part, b_part = clip(weight, 0), clip(shift, 0)
-            z = z - F.conv2d(ones * bound, w_part, b_part * bound, conv0.stride, conv0.padding, conv0.dilation)
-            weights.append(w_part)
-            bounds.append(bound)
-    channels_in = x.shape[1]
-    back = conv_transpose(conv0, _flat(unpooled * _gate(acts.relu0_out, z, e).unsqueeze(1)), x.shape[-2:],
-                          torch.cat(weights, dim=1))
-    back = _unflat(back, batch)
-    heatmap = back[:, :, :channels_in] * x.unsqueeze(1)
-    for i, bound in enumerate(bounds, start=1):
-        heatmap = heatmap - bound * back[:, :, i * channels_in:(i + 1) * channels_in]
-    return heatmap
+    weights, coefficients = [weight], []
+    if zb:
+        # z^B: subtract what the pixel bounds would give through the weights' clipped parts
+        ones = x.new_ones(1, *x.shape[1:])
+        for bound, clip in ((ZB_LOW, torch.clamp_min), (ZB_HIGH, torch.clamp_max)):
+            if bound != 0:
+                clipped_weight, clipped_shift = clip(weight, 0), clip(shift, 0)
+                z = z - F.conv2d(ones * bound, clipped_weight, clipped_shift * bound,
+                                 conv0.stride, conv0.padding, conv0.dilation)
+                weights.append(clipped_weight)
+                coefficients.append(bound)
+    kernel, stride, padding = (_square(v) for v in (pool.kernel_size, pool.stride, pool.padding))
+    unpooled = ops.max_unpool_gated(quotient, acts.pool0_indices, acts.relu0_out, z, e, kernel, stride, padding)
+    back = conv_transpose(conv0, _flat(unpooled), x.shape[-2:], torch.cat(weights, dim=1))
+    return ops.input_rule(_unflat(back, x.shape[0]), x, coefficients)
 
 
-def relevance(plan: DenseNetPlan, acts: Activations, e: float, zb: bool) -> torch.Tensor:
+def _square(value) -> int:
+    pair = nn.modules.utils._pair(value)
+    if pair[0] != pair[1]:
+        raise ValueError(f"features.pool0 must have square windows, got {pair}")
+    return pair[0]
+
+
+def relevance(plan: DenseNetPlan, acts: Activations, e: float, zb: bool, ops=torch_ops) -> torch.Tensor:
     """Heatmaps B x C x 3 x H x W, one per class, from the forward pass's activations."""
     in_place = not torch.is_grad_enabled()
     factor = classifier_relevance(plan, acts, e)
@@ -282,6 +251,6 @@ def relevance(plan: DenseNetPlan, acts: Activations, e: float, zb: bool) -> torc
     for index in reversed(range(len(plan.blocks))):
         block, block_acts = plan.blocks[index], acts.blocks[index]
         if block.transition is not None:
-            factor = transition_relevance(block, block_acts, quotient, e)
-        quotient = block_relevance(block, block_acts, factor, e, in_place)
-    return stem_relevance(plan, acts, quotient, e, zb)
+            factor = transition_relevance(block, block_acts, quotient, e, ops)
+        quotient = block_relevance(block, block_acts, factor, e, in_place, ops)
+    return stem_relevance(plan, acts, quotient, e, zb, ops)

@@ -1,0 +1,364 @@
+"""The ``isnet-fast`` command line.
+
+Subcommands: ``bench`` (speed and memory of IsDenseFast against the gradient floor and the
+original ISNet code). Each subcommand adds its parser in an ``_add_<name>_parser`` function and
+sets ``handler``, a function of the parsed arguments returning the exit code.
+
+Exit codes: 0 success, 1 a measurement failed, 2 bad options (argparse's convention).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from . import __version__
+from . import benchmark as bm
+
+SWEEP_AXES = ("classes", "batch", "size")
+# Values a sweep takes when --sweep-values is not given.
+DEFAULT_SWEEP_VALUES = {
+    "cpu": {"classes": (1, 2, 4, 8, 16), "batch": (1, 2, 4, 8), "size": (64, 128, 224, 320)},
+    "cuda": {"classes": (1, 2, 4, 8, 16, 32), "batch": (1, 2, 4, 8, 16, 32), "size": (128, 224, 320, 448)},
+}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(arguments)
+    args.command_line = shlex.join(["isnet-fast", *arguments])
+    return args.handler(args, args.subparser)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="isnet-fast", description="isnet-fast: a fast, exact drop-in for ISNet's DenseNet LRP block.")
+    parser.add_argument("--version", action="version", version=f"isnet-fast {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_bench_parser(subparsers)
+    return parser
+
+
+# ----------------------------------------------------------------------------- bench
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+BENCH_DESCRIPTION = """\
+Times IsDenseFast on synthetic images with random weights, next to the floor (plain autograd
+gradients w.r.t. the input, one per class) and, given the original ISNet LRP-Block code, the
+original IsDense. Cases: explain (forward + heatmaps, no grad, eval mode), train (forward,
+heatmaps, 0.3 * cross-entropy + 0.7 * heatmap loss, backward, SGD step, train mode) and their
+floors. Without options it runs a default sized for the device found. All ratios are taken
+within this run.
+
+On the CPU each case runs in its own process, so that its peak RSS is its own; on CUDA peak
+memory is torch.cuda.max_memory_allocated.
+"""
+
+
+def _add_bench_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "bench", help="measure speed and memory against the floor and the original",
+        description=BENCH_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.set_defaults(handler=run_bench, subparser=parser)
+    model = parser.add_argument_group("what to measure")
+    model.add_argument("--arch", choices=bm.ARCHS, default="densenet121",
+                       help="DenseNet architecture (default densenet121); 'tiny' is a smoke-test DenseNet "
+                            "(growth 4, blocks 2-2-2-2) for checking the tooling, not for figures")
+    model.add_argument("--batch", type=_positive_int, help="images per batch (default: 2 on CPU, 8 on CUDA)")
+    model.add_argument("--classes", type=_positive_int, nargs="+", metavar="N",
+                       help="number(s) of classes, one heatmap each (default: 2 on CPU, 2 10 on CUDA)")
+    model.add_argument("--size", type=_positive_int, help="image side in pixels (default 224)")
+    model.add_argument("--dtype", choices=tuple(bm.DTYPES), default="float32",
+                       help="weights and images (default float32; bfloat16 and float16 only on CUDA)")
+    model.add_argument("--cases", nargs="+", choices=bm.CASES, default=list(bm.CASES), metavar="CASE",
+                       help=f"subset of {', '.join(bm.CASES)} (default: all)")
+    model.add_argument("--backend", choices=bm.BACKENDS, default="auto",
+                       help="IsDenseFast kernels: auto (Triton on CUDA, torch ops on CPU), torch or triton")
+    model.add_argument("--reference", metavar="PATH",
+                       help="folder with the original ISNet LRP-Block code (ISNetLayers.py, ISNetFunctions.py, "
+                            f"LRPDenseNet.py, globals.py), to measure it too (default: ${bm.REFERENCE_ENV})")
+    model.add_argument("--no-reference", action="store_true", help=f"do not measure the original, even if "
+                                                                   f"${bm.REFERENCE_ENV} is set")
+    run = parser.add_argument_group("how to measure")
+    run.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    run.add_argument("--threads", type=_positive_int, help="torch.set_num_threads on the CPU (default: torch's)")
+    run.add_argument("--warmup", type=_non_negative_int, help="untimed runs first (default: 1 on CPU, 3 on CUDA)")
+    run.add_argument("--repeat", type=_positive_int, help="timed runs; the median is reported "
+                                                          "(default: 3 on CPU, 10 on CUDA)")
+    sweep = parser.add_argument_group("sweeps")
+    sweep.add_argument("--sweep", choices=SWEEP_AXES,
+                       help="measure across values of classes, batch or size, to see how time and memory grow")
+    sweep.add_argument("--sweep-values", type=_positive_int, nargs="+", metavar="N",
+                       help="the values to sweep (default: --classes when it lists several, else a ladder "
+                            "for the device)")
+    sweep.add_argument("--plot", metavar="FILE.png",
+                       help="where the sweep's plot goes (default: isnet-fast-sweep-<axis>.png; needs matplotlib)")
+    output = parser.add_argument_group("output")
+    output.add_argument("--json", metavar="FILE", help="also write every figure and the environment to FILE")
+
+
+def run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    settings, classes, sweep_values = _validated_settings(args, parser)
+    reference = settings["reference"]
+    specs = _bench_specs(args, settings, classes, sweep_values, with_original=reference is not None)
+    device = torch.device(settings["device"])
+    if device.type == "cpu" and args.threads:
+        torch.set_num_threads(args.threads)
+    loaded_reference = None
+    if reference is not None and device.type == "cuda":  # CUDA cases run in this process
+        try:
+            loaded_reference = bm.load_reference(reference)
+        except bm.ReferenceFolderError as error:
+            parser.error(str(error))
+
+    started = time.perf_counter()
+    _progress(f"isnet-fast bench: {len(specs)} case(s), {_describe(settings, device)}"
+              + ("; each case in its own process" if device.type == "cpu" else ""))
+    results = []
+    with warnings.catch_warnings():
+        bm._ignore_original_deprecation_warnings()
+        for index, spec in enumerate(specs, 1):
+            axes = ", ".join(f"{axis} {getattr(spec, axis)}" for axis in _table_axes(args))
+            _progress(f"[{index}/{len(specs)}] {axes}: {spec.label} ...", end="")
+            case_started = time.perf_counter()
+            result = bm.measure(spec, loaded_reference)
+            if result.error:
+                _progress(f" failed: {result.error}")
+            else:
+                _progress(f" {result.median_s * 1e3:.1f} ms/batch ({time.perf_counter() - case_started:.0f} s)")
+            results.append(result)
+    wall_time = time.perf_counter() - started
+    _progress(f"done in {wall_time:.0f} s")
+
+    comparisons = bm.compare(results)
+    notes = []
+    if reference is None:
+        notes.append(f"original: not measured; pass --reference PATH or {bm.REFERENCE_HINT}.")
+    print(_header(settings, device, args))
+    print(format_table(comparisons, _table_axes(args)))
+    plot_path = None
+    if args.sweep:
+        plot_path, plot_note = _write_sweep_plot(comparisons, args.sweep, args.plot or f"isnet-fast-sweep-{args.sweep}.png")
+        notes.append(plot_note)
+    for note in notes:
+        print(note)
+    failed = [r for r in results if r.error]
+    if args.json:
+        record = {
+            "command_line": args.command_line,
+            "environment": bm.environment_info(device),
+            "settings": dict(settings, classes=list(classes), cases=list(args.cases),
+                             sweep=args.sweep, sweep_values=list(sweep_values) if sweep_values else None),
+            "results": [bm.comparison_record(c) for c in comparisons],
+            "wall_time_s": wall_time,
+            "plot": plot_path,
+            "notes": notes,
+        }
+        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
+        _progress(f"wrote {args.json}")
+    if failed:
+        _progress(f"{len(failed)} case(s) failed; the JSON output (--json) holds their tracebacks")
+        return 1
+    return 0
+
+
+def _validated_settings(args, parser):
+    """The CaseSpec settings, the classes and the sweep values; parser.error (exit 2) on bad options."""
+    try:
+        device = bm.resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except ValueError as error:
+        parser.error(str(error))
+    device_name = str(device)
+    if args.dtype in bm.CUDA_ONLY_DTYPES and device.type != "cuda":
+        parser.error(f"--dtype {args.dtype} needs a CUDA device; on the CPU use float32 or float64")
+    if args.backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        parser.error("--backend triton needs a CUDA device (or TRITON_INTERPRET=1 for Triton's slow CPU interpreter); "
+                     "use --backend torch or auto on the CPU")
+    defaults = bm.default_settings(device_name)
+    classes = tuple(args.classes or defaults["classes"])
+    settings = dict(arch=args.arch, batch=args.batch or defaults["batch"], size=args.size or defaults["size"],
+                    dtype=args.dtype, device=device_name, backend=args.backend,
+                    threads=(args.threads or torch.get_num_threads()) if device.type == "cpu" else args.threads,
+                    warmup=defaults["warmup"] if args.warmup is None else args.warmup,
+                    repeat=args.repeat or defaults["repeat"])
+
+    smallest = bm.minimum_image_size(args.arch)
+    sweep_values = None
+    if args.sweep_values and not args.sweep:
+        parser.error("--sweep-values needs --sweep classes|batch|size")
+    if args.plot and not args.sweep:
+        parser.error("--plot needs --sweep classes|batch|size")
+    if args.sweep:
+        if args.sweep_values:
+            sweep_values = tuple(args.sweep_values)
+        elif args.sweep == "classes" and args.classes and len(args.classes) > 1:
+            sweep_values = tuple(args.classes)
+        else:
+            ladder = DEFAULT_SWEEP_VALUES[device.type][args.sweep]
+            sweep_values = tuple(v for v in ladder if args.sweep != "size" or v >= smallest)
+        if args.sweep == "classes":
+            classes = sweep_values
+    sizes = sweep_values if args.sweep == "size" else (settings["size"],)
+    if min(sizes) < smallest:
+        parser.error(f"image size {min(sizes)} is too small for {args.arch}: every side must be at least "
+                     f"{smallest} pixels")
+    settings["reference"] = None
+    reference = _reference_folder(args)
+    if reference is not None:
+        source, folder = reference
+        try:
+            settings["reference"] = str(bm.check_reference_folder(folder))
+        except bm.ReferenceFolderError as error:
+            parser.error(f"{source}: {error}")
+    for option, path in (("--json", args.json), ("--plot", args.plot)):
+        if path and not Path(path).expanduser().resolve().parent.is_dir():
+            parser.error(f"{option} {path}: the folder {str(Path(path).parent)!r} does not exist")
+    return settings, classes, sweep_values
+
+
+def _reference_folder(args):
+    """(where it was given, folder) of the original's code, or None when it is not to be measured."""
+    if args.no_reference:
+        return None
+    if args.reference:
+        return "--reference", args.reference
+    if os.environ.get(bm.REFERENCE_ENV):
+        return f"${bm.REFERENCE_ENV}", os.environ[bm.REFERENCE_ENV]
+    return None
+
+
+def _bench_specs(args, settings, classes, sweep_values, with_original) -> List[bm.CaseSpec]:
+    if args.sweep in ("batch", "size"):
+        specs = []
+        for value in sweep_values:
+            specs += bm.case_specs(args.cases, classes, with_original, **dict(settings, **{args.sweep: value}))
+        return specs
+    return bm.case_specs(args.cases, classes, with_original, **settings)
+
+
+def _table_axes(args) -> List[str]:
+    """The columns that tell the table's rows apart besides the case: classes, and the swept axis."""
+    return ["classes"] if args.sweep in (None, "classes") else [args.sweep, "classes"]
+
+
+def _describe(settings: Dict, device: torch.device) -> str:
+    threads = f", {settings['threads']} threads" if device.type == "cpu" else ""
+    return (f"{settings['arch']}, batch {settings['batch']}, {settings['size']}x{settings['size']}, "
+            f"{settings['dtype']}, {device} ({bm.device_name(device)}{threads}), backend {settings['backend']}")
+
+
+def _header(settings: Dict, device: torch.device, args) -> str:
+    swept = f", sweeping {args.sweep}" if args.sweep else ""
+    return (f"{_describe(settings, device)}{swept}; median of {settings['repeat']} after "
+            f"{settings['warmup']} warmup; torch {torch.__version__}")
+
+
+def _progress(message: str, end: str = "\n") -> None:
+    print(message, end=end, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def format_memory(n_bytes: Optional[int]) -> str:
+    if n_bytes is None:
+        return "-"
+    mib = n_bytes / 2**20
+    return f"{mib / 1024:.1f} GiB" if mib >= 10 * 1024 else f"{mib:.0f} MiB"
+
+
+def format_table(comparisons: Sequence[bm.Comparison], axes: Sequence[str]) -> str:
+    """A plain-text table: the axes, case, ms per batch, images/s, peak memory, ratio to the floor, speedup."""
+    memory_kinds = {c.result.memory_kind for c in comparisons if c.result.memory_kind}
+    memory_title = "peak RSS" if memory_kinds == {"peak RSS"} else (
+        "peak CUDA mem" if memory_kinds == {"max_memory_allocated"} else "peak memory")
+    titles = [*axes, "case", "ms/batch", "images/s", memory_title, "x floor", "vs original"]
+    rows = []
+    for comparison in comparisons:
+        result = comparison.result
+        cells = [str(getattr(result.spec, axis)) for axis in axes] + [result.spec.label]
+        if result.error:
+            cells += ["failed: " + result.error]
+        else:
+            cells += [f"{result.median_s * 1e3:.1f}", f"{result.images_per_s:.2f}",
+                      format_memory(result.peak_memory_bytes),
+                      "-" if comparison.floor_ratio is None else f"{comparison.floor_ratio:.2f}",
+                      "-" if comparison.speedup_vs_original is None else f"{comparison.speedup_vs_original:.2f}x"]
+        rows.append(cells)
+    left_aligned = set(range(len(axes), len(axes) + 1))  # the case names
+    widths = [max([len(titles[i])] + [len(r[i]) for r in rows if len(r) > i and not r[i].startswith("failed")])
+              for i in range(len(titles))]
+
+    def line(cells):
+        out = []
+        for i, cell in enumerate(cells):
+            if cell.startswith("failed"):
+                out.append(cell)
+                break
+            out.append(cell.ljust(widths[i]) if i in left_aligned else cell.rjust(widths[i]))
+        return "  ".join(out).rstrip()
+
+    return "\n".join([line(titles)] + [line(r) for r in rows])
+
+
+def _write_sweep_plot(comparisons: Sequence[bm.Comparison], axis: str, path: str):
+    """Writes time and peak memory against the swept axis; returns (path or None, a note for the user)."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None, "matplotlib is not installed, so no plot was written (pip install matplotlib)."
+    series: Dict[str, List] = {}
+    several_classes = len({c.result.spec.classes for c in comparisons}) > 1 and axis != "classes"
+    for comparison in comparisons:
+        result = comparison.result
+        if result.error:
+            continue
+        name = result.spec.label + (f", {result.spec.classes} classes" if several_classes else "")
+        series.setdefault(name, []).append((getattr(result.spec, axis), result.median_s * 1e3,
+                                            (result.peak_memory_bytes or 0) / 2**20))
+    figure = Figure(figsize=(11, 4.5), layout="constrained")
+    time_axes, memory_axes = figure.subplots(1, 2)
+    for name, points in series.items():
+        xs, times, memories = zip(*points)
+        time_axes.plot(xs, times, marker="o", label=name)
+        memory_axes.plot(xs, memories, marker="o", label=name)
+    time_axes.set(xlabel=axis, ylabel="ms per batch", title="time")
+    memory_kind = comparisons[0].result.memory_kind if comparisons else ""
+    memory_axes.set(xlabel=axis, ylabel="MiB", title=memory_kind or "peak memory")
+    time_axes.legend(fontsize="small")
+    figure.savefig(path, dpi=120)
+    return path, f"plot: {path}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
