@@ -521,11 +521,26 @@ def run_case(spec: CaseSpec, timer: Timer = time_step, reference: Optional[Refer
     return CaseResult(spec, times, peak_rss_bytes(), "peak RSS")
 
 
+# Starts the case's process from a bare Python interpreter. On Linux a process's ru_maxrss
+# carries over, through exec, the RSS of the process it was forked from: started straight from
+# this one (torch loaded, maybe gigabytes of earlier work), a case would report this process's
+# footprint whenever it exceeds its own. Forked from a ~10 MB launcher, it reports its own peak.
+_LAUNCHER = """\
+import os, signal, subprocess, sys
+code = subprocess.call(sys.argv[1:])
+if code < 0:  # killed by a signal: die by the same one, so the parent sees how
+    signal.signal(-code, signal.SIG_DFL)
+    os.kill(os.getpid(), -code)
+sys.exit(code)
+"""
+
+
 def run_case_in_subprocess(spec: CaseSpec) -> CaseResult:
     """Runs one case in a fresh Python process (timing and peak RSS); a failure comes back as ``error``."""
     with tempfile.TemporaryDirectory(prefix="isnet-fast-bench-") as folder:
         result_path = Path(folder) / "result.json"
-        command = [sys.executable, "-m", "isnet_fast.benchmark", "--case", spec.to_json(), "--result", str(result_path)]
+        command = [sys.executable, "-c", _LAUNCHER, sys.executable, "-m", "isnet_fast.benchmark",
+                   "--case", spec.to_json(), "--result", str(result_path)]
         completed = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if result_path.is_file():
             return CaseResult.from_dict(json.loads(result_path.read_text()))

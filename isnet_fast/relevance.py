@@ -155,20 +155,26 @@ def width_segments(width: int, widths) -> int:
     raise AssertionError(f"{width} channels do not end on a producer boundary")
 
 
-def block_relevance(block: DenseBlockPlan, acts, post_relevance: torch.Tensor, e: float,
-                    in_place: bool, ops) -> torch.Tensor:
-    """Relevance through a dense block.
+def post_block_relevance(block: DenseBlockPlan, acts, post_relevance: torch.Tensor, e: float, ops) -> torch.Tensor:
+    """The post-block BatchNorm's (the transition's or norm5's) quotient over all the block's channels.
 
     ``post_relevance`` is the class-expanded factor c such that the relevance at the post-block
-    ReLU (the transition's or norm5's) is ``post_relu_out * c``. Returns the summed quotient
-    for the block input's channels: what the transition's (or stem's) pool spreads back.
+    ReLU is ``post_relu_out * c``.
+    """
+    features = acts.output
+    scale, shift = batchnorm_fold(block.post_norm, features)
+    return ops.gated_product(post_relevance.expand(-1, -1, -1, *features.shape[-2:]), acts.post_relu_out,
+                             features, scale, shift, e)
+
+
+def block_relevance(block: DenseBlockPlan, acts, first: torch.Tensor, e: float, in_place: bool, ops) -> torch.Tensor:
+    """Relevance through a dense block, from the post-block quotient ``first`` (which, without
+    autograd, becomes the block-wide accumulator). Returns the summed quotient for the block
+    input's channels: what the transition's (or stem's) pool spreads back.
     """
     features = acts.output
     batch = features.shape[0]
     spatial = features.shape[-2:]
-    post_scale, post_shift = batchnorm_fold(block.post_norm, features)
-    first = ops.gated_product(post_relevance.expand(-1, -1, -1, *spatial), acts.post_relu_out, features,
-                              post_scale, post_shift, e)
     accumulator = _Accumulator(block, first, in_place, ops)
     folds = consumer_folds(block, features)
     for layer_plan, layer_acts in zip(reversed(block.layers), reversed(acts.layers)):
@@ -244,13 +250,19 @@ def _square(value) -> int:
 
 
 def relevance(plan: DenseNetPlan, acts: Activations, e: float, zb: bool, ops=torch_ops) -> torch.Tensor:
-    """Heatmaps B x C x 3 x H x W, one per class, from the forward pass's activations."""
+    """Heatmaps B x C x 3 x H x W, one per class, from the forward pass's activations.
+
+    Without autograd each relevance tensor is dropped as soon as its last consumer has used it,
+    so the pass holds about one block's worth (the block-wide accumulator) at a time.
+    """
     in_place = not torch.is_grad_enabled()
     factor = classifier_relevance(plan, acts, e)
     quotient = None
     for index in reversed(range(len(plan.blocks))):
         block, block_acts = plan.blocks[index], acts.blocks[index]
         if block.transition is not None:
-            factor = transition_relevance(block, block_acts, quotient, e, ops)
-        quotient = block_relevance(block, block_acts, factor, e, in_place, ops)
+            factor, quotient = transition_relevance(block, block_acts, quotient, e, ops), None
+        first, factor = post_block_relevance(block, block_acts, factor, e, ops), None
+        quotient = block_relevance(block, block_acts, first, e, in_place, ops)
+        del first
     return stem_relevance(plan, acts, quotient, e, zb, ops)
