@@ -9,6 +9,9 @@ HERE = Path(__file__).resolve().parent
 VERSION = re.search(r'^__version__\s*=\s*["\']([^"\']+)["\']',
                     (HERE / "isnet_fast" / "__init__.py").read_text(encoding="utf-8"), re.M).group(1)
 
+DEMO = ["scikit-learn", "matplotlib", "tqdm", "pillow"]
+LIGHTNING = ["lightning"]
+
 setup(
     name="isnet-fast",
     version=VERSION,
@@ -24,10 +27,11 @@ setup(
         "numpy<2.4",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark"],
+        # the test extra brings the optional dependencies too, so CI tests what depends on them
+        "test": ["pytest", "pytest-benchmark"] + DEMO + LIGHTNING,
         "torchvision": ["torchvision"],
-        "demo": ["scikit-learn", "matplotlib", "tqdm", "pillow"],
-        "lightning": ["lightning"],
+        "demo": DEMO,
+        "lightning": LIGHTNING,
     },
     entry_points={"console_scripts": ["isnet-fast = isnet_fast.cli:main"]},
 )

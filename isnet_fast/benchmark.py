@@ -529,7 +529,8 @@ _LAUNCHER = """\
 import os, signal, subprocess, sys
 code = subprocess.call(sys.argv[1:])
 if code < 0:  # killed by a signal: die by the same one, so the parent sees how
-    signal.signal(-code, signal.SIG_DFL)
+    if -code not in (signal.SIGKILL, signal.SIGSTOP):  # those two cannot be handled, nor need resetting
+        signal.signal(-code, signal.SIG_DFL)
     os.kill(os.getpid(), -code)
 sys.exit(code)
 """

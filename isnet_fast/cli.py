@@ -37,7 +37,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(arguments)
     args.command_line = shlex.join(["isnet-fast", *arguments])
-    return args.handler(args, args.subparser)
+    try:
+        return args.handler(args, args.subparser)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
 
 
 def build_parser() -> argparse.ArgumentParser:

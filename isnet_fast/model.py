@@ -86,6 +86,12 @@ def ops_for(backend: str, x: torch.Tensor):
     """The elementwise ops module for ``backend`` and the device of ``x``."""
     if backend == "torch" or (backend == "auto" and not x.is_cuda):
         return torch_ops
+    if backend == "auto":
+        try:
+            from . import triton_ops
+        except ImportError:  # no triton on this platform: the torch ops compute the same
+            return torch_ops
+        return triton_ops
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError(
             "backend='triton' compiles its kernels for CUDA tensors; these are on the CPU. Use backend='torch' "

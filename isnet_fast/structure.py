@@ -148,7 +148,7 @@ def build_plan(model: nn.Module, reference_pairing: bool = True) -> DenseNetPlan
                 raise UnsupportedModelError(f"{where}norm1 has {layer.norm1.num_features} channels, expected {start}")
             layers.append(DenseLayerPlan(layer_name, layer, start, start, start + growth))
             start += growth
-        transition = getattr(features, f"transition{b}", None) if b < len(block_names) else None
+        transition = None
         if b < len(block_names):
             transition = _child(features, f"transition{b}", "features.")
             for part in ("norm", "relu", "conv", "relu2", "pool"):
