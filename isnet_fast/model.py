@@ -55,14 +55,15 @@ class IsDenseFast(nn.Module):
         """Loads our checkpoints, the original IsDense's and its Lightning module's.
 
         Keys may carry a ``model.`` prefix (Lightning); the original's duplicate ``LRPBlock.*``
-        entries are ignored (they alias the DenseNet's own parameters).
+        entries (aliases of the DenseNet's own parameters) and a Lightning module's ``Cweight``
+        are ignored.
         """
         cleaned = OrderedDict()
         for key, value in state_dict.items():
             if key.startswith("model."):
                 key = key[len("model."):]
-            if key.startswith("LRPBlock.") or ".LRPBlock." in key:
-                continue
+            if key.startswith("LRPBlock.") or ".LRPBlock." in key or key == "Cweight":
+                continue  # aliases of the DenseNet's weights; the Lightning module's class weights
             cleaned[key] = value
         return super().load_state_dict(cleaned, strict=strict, assign=assign)
 

@@ -12,7 +12,6 @@ from isnet_fast.kernels.input_rule import input_rule_backward, input_rule_forwar
 from isnet_fast.kernels.max_unpool import max_unpool_backward, max_unpool_forward
 from isnet_fast.kernels.pool_spread import pool_spread_backward, pool_spread_forward
 
-from .torch_ops import stabilize  # noqa: F401  (the relevance pass takes it from the ops module)
 
 
 def _spatial_view(t):

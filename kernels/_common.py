@@ -1,5 +1,6 @@
 """Helpers shared by the kernels: compute dtype, the LRP stabiliser, launch sizes."""
 
+import torch
 import triton
 import triton.language as tl
 
@@ -18,7 +19,14 @@ def to_compute(x, IS_FP64: tl.constexpr):
 @triton.jit
 def stabilize(z, e):
     """z + e * sign(z), with sign(0) = +1, as the original's epsilon rule."""
-    return z + tl.where(z >= 0, e, -e)
+    return tl.where(z >= 0, z + e, z - e)
+
+
+def scalars(values, like):
+    """Runtime scalars as a tensor in the compute dtype: Triton would pass Python floats as fp32,
+    and fp64 tensors need them exact."""
+    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    return torch.tensor(values, dtype=dtype, device=like.device)
 
 
 def block_size(n: int) -> int:

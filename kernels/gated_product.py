@@ -15,13 +15,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import block_size, spatial_strides, stabilize, to_compute
+from ._common import scalars, block_size, spatial_strides, stabilize, to_compute
 
 
 @triton.jit
 def _gated_product_fwd_kernel(
     rel_ptr, act_ptr, pre_ptr, scale_ptr, shift_ptr, out_ptr,
-    CLASSES, HW, e,
+    CLASSES, HW, e_ptr,
     rel_sb, rel_sc, rel_sch, rel_sp,
     act_sb, act_sch, act_sp,
     pre_sb, pre_sch, pre_sp,
@@ -29,6 +29,7 @@ def _gated_product_fwd_kernel(
     HAS_FOLD: tl.constexpr, ACCUMULATE: tl.constexpr, IS_FP64: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
+    e = to_compute(tl.load(e_ptr), IS_FP64)
     ch = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     p = (pid_p * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
@@ -55,7 +56,7 @@ def _gated_product_fwd_kernel(
 def _gated_product_bwd_kernel(
     grad_out_ptr, rel_ptr, act_ptr, pre_ptr, scale_ptr, shift_ptr,
     grad_rel_ptr, grad_act_ptr, grad_pre_ptr, partial_scale_ptr, partial_shift_ptr,
-    CLASSES, HW, CHANNELS, e,
+    CLASSES, HW, CHANNELS, e_ptr,
     go_sb, go_sc, go_sch, go_sp,
     rel_sb, rel_sc, rel_sch, rel_sp,
     act_sb, act_sch, act_sp,
@@ -65,6 +66,7 @@ def _gated_product_bwd_kernel(
     # grad_rel is contiguous B x C x CH x HW; grad_act, grad_pre contiguous B x CH x HW;
     # partial sums for the fold's gradients are B x P_BLOCKS x CH, reduced by the launcher.
     pid_p = tl.program_id(0)
+    e = to_compute(tl.load(e_ptr), IS_FP64)
     ch = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     p = (pid_p * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
@@ -115,12 +117,14 @@ def gated_product_forward(rel, act, pre, scale, shift, e, out=None):
     if out is None:
         out = torch.empty((batch, classes, channels, height, width), dtype=rel.dtype, device=rel.device)
     has_fold = scale is not None
-    if not has_fold:
+    if has_fold:
+        scale, shift = scale.contiguous(), shift.contiguous()  # the kernel reads them at ch
+    else:
         scale = shift = act  # unused pointers
     block = block_size(hw)
     grid = (triton.cdiv(hw, block), channels, batch)
     _gated_product_fwd_kernel[grid](
-        rel, act, pre, scale, shift, out, classes, hw, float(e),
+        rel, act, pre, scale, shift, out, classes, hw, scalars([e], rel),
         *spatial_strides(rel, 3), *spatial_strides(act, 2), *spatial_strides(pre, 2), *spatial_strides(out, 3),
         HAS_FOLD=has_fold, ACCUMULATE=accumulate, IS_FP64=rel.dtype == torch.float64, BLOCK=block,
     )
@@ -138,11 +142,13 @@ def gated_product_backward(grad_out, rel, act, pre, scale, shift, e):
     grad_act = torch.empty((batch, channels, height, width), dtype=act.dtype, device=act.device)
     grad_pre = torch.empty((batch, channels, height, width), dtype=pre.dtype, device=pre.device)
     has_fold = scale is not None
+    if has_fold:
+        scale, shift = scale.contiguous(), shift.contiguous()
     partial_scale = torch.empty((batch * p_blocks, channels), dtype=compute, device=rel.device)
     partial_shift = torch.empty_like(partial_scale)
     _gated_product_bwd_kernel[(p_blocks, channels, batch)](
         grad_out, rel, act, pre, scale if has_fold else act, shift if has_fold else act,
-        grad_rel, grad_act, grad_pre, partial_scale, partial_shift, classes, hw, channels, float(e),
+        grad_rel, grad_act, grad_pre, partial_scale, partial_shift, classes, hw, channels, scalars([e], rel),
         *spatial_strides(grad_out, 3), *spatial_strides(rel, 3), *spatial_strides(act, 2), *spatial_strides(pre, 2),
         HAS_FOLD=has_fold, IS_FP64=rel.dtype == torch.float64, BLOCK=block,
     )

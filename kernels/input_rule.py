@@ -11,16 +11,18 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import block_size, to_compute
+from ._common import scalars, block_size, to_compute
 
 
 @triton.jit
 def _input_rule_fwd_kernel(
-    back_ptr, x_ptr, out_ptr, CLASSES, HW, K1, K2,
+    back_ptr, x_ptr, out_ptr, CLASSES, HW, coefficient_ptr,
     PARTS: tl.constexpr, IS_FP64: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # all tensors contiguous; back has PARTS * CIN channels
     pid_p = tl.program_id(0)
+    K1 = to_compute(tl.load(coefficient_ptr), IS_FP64)
+    K2 = to_compute(tl.load(coefficient_ptr + 1), IS_FP64)
     i = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     cin = tl.num_programs(1)
@@ -39,10 +41,12 @@ def _input_rule_fwd_kernel(
 
 @triton.jit
 def _input_rule_bwd_kernel(
-    grad_out_ptr, back_ptr, x_ptr, grad_back_ptr, grad_x_ptr, CLASSES, HW, K1, K2,
+    grad_out_ptr, back_ptr, x_ptr, grad_back_ptr, grad_x_ptr, CLASSES, HW, coefficient_ptr,
     PARTS: tl.constexpr, IS_FP64: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
+    K1 = to_compute(tl.load(coefficient_ptr), IS_FP64)
+    K2 = to_compute(tl.load(coefficient_ptr + 1), IS_FP64)
     i = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     cin = tl.num_programs(1)
@@ -82,7 +86,7 @@ def input_rule_forward(back, x, coefficients=()):
     out = torch.empty((batch, classes, cin, height, width), dtype=back.dtype, device=back.device)
     block = block_size(height * width)
     _input_rule_fwd_kernel[(triton.cdiv(height * width, block), cin, batch)](
-        back, x, out, classes, height * width, k1, k2,
+        back, x, out, classes, height * width, scalars([k1, k2], back),
         PARTS=parts, IS_FP64=back.dtype == torch.float64, BLOCK=block,
     )
     return out
@@ -97,7 +101,7 @@ def input_rule_backward(grad_out, back, x, coefficients=()):
     grad_x = torch.empty_like(x)
     block = block_size(height * width)
     _input_rule_bwd_kernel[(triton.cdiv(height * width, block), cin, batch)](
-        grad_out, back, x, grad_back, grad_x, classes, height * width, k1, k2,
+        grad_out, back, x, grad_back, grad_x, classes, height * width, scalars([k1, k2], back),
         PARTS=parts, IS_FP64=back.dtype == torch.float64, BLOCK=block,
     )
     return grad_back, grad_x

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import block_size, stabilize, to_compute
+from ._common import scalars, block_size, stabilize, to_compute
 
 
 @triton.jit
@@ -40,13 +40,14 @@ def _winner(index_base, y, x, mask, POOLED_H, POOLED_W, WIDTH,
 @triton.jit
 def _max_unpool_fwd_kernel(
     rel_ptr, index_ptr, act_ptr, z_ptr, out_ptr,
-    CLASSES, HEIGHT, WIDTH, POOLED_H, POOLED_W, e,
+    CLASSES, HEIGHT, WIDTH, POOLED_H, POOLED_W, e_ptr,
     rel_sb, rel_sc, rel_sch,
     KERNEL: tl.constexpr, STRIDE: tl.constexpr, PADDING: tl.constexpr, CANDIDATES: tl.constexpr,
     IS_FP64: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # rel's pooled dims are contiguous (stride w, 1); index, act, z, out are contiguous.
     pid_p = tl.program_id(0)
+    e = to_compute(tl.load(e_ptr), IS_FP64)
     ch = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     channels = tl.num_programs(1)
@@ -72,11 +73,12 @@ def _max_unpool_fwd_kernel(
 @triton.jit
 def _max_unpool_bwd_rel_kernel(
     grad_out_ptr, index_ptr, act_ptr, z_ptr, grad_rel_ptr,
-    CLASSES, HW, POOLED_HW, e,
+    CLASSES, HW, POOLED_HW, e_ptr,
     IS_FP64: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # One lane per pooled position: gather the gradient at the pixel it chose.
     pid_p = tl.program_id(0)
+    e = to_compute(tl.load(e_ptr), IS_FP64)
     ch = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     channels = tl.num_programs(1)
@@ -96,12 +98,13 @@ def _max_unpool_bwd_rel_kernel(
 @triton.jit
 def _max_unpool_bwd_act_kernel(
     grad_out_ptr, rel_ptr, index_ptr, act_ptr, z_ptr, grad_act_ptr, grad_z_ptr,
-    CLASSES, HEIGHT, WIDTH, POOLED_H, POOLED_W, e,
+    CLASSES, HEIGHT, WIDTH, POOLED_H, POOLED_W, e_ptr,
     rel_sb, rel_sc, rel_sch,
     KERNEL: tl.constexpr, STRIDE: tl.constexpr, PADDING: tl.constexpr, CANDIDATES: tl.constexpr,
     IS_FP64: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
+    e = to_compute(tl.load(e_ptr), IS_FP64)
     ch = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     channels = tl.num_programs(1)
@@ -148,7 +151,7 @@ def max_unpool_forward(rel, indices, act, z, e, kernel_size, stride, padding):
     out = torch.empty((batch, classes, channels, height, width), dtype=rel.dtype, device=rel.device)
     block = block_size(height * width)
     _max_unpool_fwd_kernel[(triton.cdiv(height * width, block), channels, batch)](
-        rel, indices, act, z, out, classes, height, width, pooled_h, pooled_w, float(e),
+        rel, indices, act, z, out, classes, height, width, pooled_h, pooled_w, scalars([e], rel),
         rel.stride(0), rel.stride(1), rel.stride(2), **_geometry(kernel_size, stride, padding),
         IS_FP64=rel.dtype == torch.float64, BLOCK=block,
     )
@@ -166,12 +169,12 @@ def max_unpool_backward(grad_out, rel, indices, act, z, e, kernel_size, stride, 
     is_fp64 = rel.dtype == torch.float64
     block = block_size(pooled_h * pooled_w)
     _max_unpool_bwd_rel_kernel[(triton.cdiv(pooled_h * pooled_w, block), channels, batch)](
-        grad_out, indices, act, z, grad_rel, classes, height * width, pooled_h * pooled_w, float(e),
+        grad_out, indices, act, z, grad_rel, classes, height * width, pooled_h * pooled_w, scalars([e], rel),
         IS_FP64=is_fp64, BLOCK=block,
     )
     block = block_size(height * width)
     _max_unpool_bwd_act_kernel[(triton.cdiv(height * width, block), channels, batch)](
-        grad_out, rel, indices, act, z, grad_act, grad_z, classes, height, width, pooled_h, pooled_w, float(e),
+        grad_out, rel, indices, act, z, grad_act, grad_z, classes, height, width, pooled_h, pooled_w, scalars([e], rel),
         rel.stride(0), rel.stride(1), rel.stride(2), **_geometry(kernel_size, stride, padding),
         IS_FP64=is_fp64, BLOCK=block,
     )

@@ -12,19 +12,20 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import block_size, stabilize, to_compute
+from ._common import scalars, block_size, stabilize, to_compute
 
 
 @triton.jit
 def _pool_spread_fwd_kernel(
     rel_ptr, act_ptr, pre_ptr, out_ptr,
-    CLASSES, HEIGHT, WIDTH, POOLED_H, POOLED_W, e,
+    CLASSES, HEIGHT, WIDTH, POOLED_H, POOLED_W, e_ptr,
     rel_sb, rel_sc, rel_sch, rel_sh, rel_sw,
     act_sb, act_sch, act_sh, act_sw,
     pre_sb, pre_sch, pre_sh, pre_sw,
     IS_FP64: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
+    e = to_compute(tl.load(e_ptr), IS_FP64)
     ch = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     p = (pid_p * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
@@ -46,7 +47,7 @@ def _pool_spread_fwd_kernel(
 @triton.jit
 def _pool_spread_bwd_kernel(
     grad_out_ptr, rel_ptr, act_ptr, pre_ptr, grad_rel_ptr, grad_act_ptr, grad_pre_ptr,
-    CLASSES, HEIGHT, WIDTH, POOLED_H, POOLED_W, e,
+    CLASSES, HEIGHT, WIDTH, POOLED_H, POOLED_W, e_ptr,
     go_sb, go_sc, go_sch, go_sh, go_sw,
     rel_sb, rel_sc, rel_sch, rel_sh, rel_sw,
     act_sb, act_sch, act_sh, act_sw,
@@ -55,6 +56,7 @@ def _pool_spread_bwd_kernel(
 ):
     # One lane per pooled pixel, handling its 2x2 window: no two lanes write the same place.
     pid_p = tl.program_id(0)
+    e = to_compute(tl.load(e_ptr), IS_FP64)
     ch = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     channels = tl.num_programs(1)
@@ -99,7 +101,7 @@ def pool_spread_forward(rel, act, pre, e):
     out = torch.empty((batch, classes, channels, height, width), dtype=rel.dtype, device=rel.device)
     block = block_size(height * width)
     _pool_spread_fwd_kernel[(triton.cdiv(height * width, block), channels, batch)](
-        rel, act, pre, out, classes, height, width, pooled_h, pooled_w, float(e),
+        rel, act, pre, out, classes, height, width, pooled_h, pooled_w, scalars([e], rel),
         *_strides(rel), *_strides(act), *_strides(pre), IS_FP64=rel.dtype == torch.float64, BLOCK=block,
     )
     return out
@@ -114,7 +116,7 @@ def pool_spread_backward(grad_out, rel, act, pre, e):
     grad_pre = torch.zeros((batch, channels, height, width), dtype=pre.dtype, device=pre.device)
     block = block_size(pooled_h * pooled_w)
     _pool_spread_bwd_kernel[(triton.cdiv(pooled_h * pooled_w, block), channels, batch)](
-        grad_out, rel, act, pre, grad_rel, grad_act, grad_pre, classes, height, width, pooled_h, pooled_w, float(e),
+        grad_out, rel, act, pre, grad_rel, grad_act, grad_pre, classes, height, width, pooled_h, pooled_w, scalars([e], rel),
         *_strides(grad_out), *_strides(rel), *_strides(act), *_strides(pre),
         IS_FP64=rel.dtype == torch.float64, BLOCK=block,
     )

@@ -1,0 +1,164 @@
+"""IsDenseFast with ``backend="triton"``: the original's fixtures, the dispatch, and agreement
+with the torch backend. Without a GPU the kernels run in Triton's interpreter (tests/conftest.py),
+which takes seconds per model: float64 only, small models only."""
+
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import isnet_fast.model  # noqa: E402
+from helpers import load_fixture, rel_err  # noqa: E402
+from isnet_fast import DenseNet, IsDenseFast, torch_ops  # noqa: E402
+from test_parity import TOLERANCE, build_from_fixture  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# d121_topology_eval is left out: far too slow in the interpreter
+FIXTURES = ["tiny_eval_zb", "tiny_eval_eps", "tiny_train_dropout", "single_class_64", "ten_classes"]
+
+
+
+def on_device(data):
+    return {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in data.items()}
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_triton_backend_matches_reference(name):
+    data = load_fixture(name)
+    model = build_from_fixture(data, torch.float64, backend="triton").to(DEVICE)
+    x = data["x"].to(DEVICE, torch.float64).requires_grad_()
+    y, R = model(x)
+    ((R * data["G_R"].to(R)).sum() + (y * data["G_y"].to(y)).sum()).backward()
+
+    tol = TOLERANCE[torch.float64]
+    assert R.shape == data["R"].shape
+    assert rel_err(y, data["y"]) <= tol["y"]
+    assert rel_err(R, data["R"]) <= tol["R"]
+    assert rel_err(x.grad, data["grad_x"]) <= tol["grad_x"]
+    params = dict(model.DenseNet.named_parameters())
+    assert set(params) == set(data["grad_params"])
+    for param_name, param in params.items():
+        assert rel_err(param.grad, data["grad_params"][param_name]) <= tol["grad_param"], param_name
+    state = model.DenseNet.state_dict()
+    checked = 0
+    for key, value in data["state_dict_after"].items():
+        if "running" in key:  # moved in train mode, unchanged in eval mode
+            assert rel_err(state[key], value) <= tol["running"], key
+            checked += 1
+    assert checked > 0
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_triton_backend_no_grad_heatmaps_match_reference(name):
+    data = load_fixture(name)
+    model = build_from_fixture(data, torch.float64, backend="triton").to(DEVICE)
+    with torch.no_grad():
+        y, R = model(data["x"].to(DEVICE, torch.float64))
+    assert not R.requires_grad
+    assert rel_err(y, data["y"]) <= 1e-6
+    assert rel_err(R, data["R"]) <= 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispatch
+# ---------------------------------------------------------------------------------------------
+
+def tiny_model(backend, **kwargs):
+    torch.manual_seed(0)
+    net = DenseNet(growth_rate=3, block_config=(2, 2), num_init_features=5, bn_size=1, num_classes=2)
+    return IsDenseFast(net, backend=backend, **kwargs).eval()
+
+
+def test_auto_backend_uses_torch_ops_on_cpu(monkeypatch):
+    x = torch.rand(1, 3, 31, 37)
+    assert isnet_fast.model.ops_for("auto", x) is torch_ops
+    assert isnet_fast.model.ops_for("torch", x) is torch_ops
+    chosen = []
+    real_ops_for = isnet_fast.model.ops_for
+
+    def spy(backend, tensor):
+        ops = real_ops_for(backend, tensor)
+        chosen.append(ops)
+        return ops
+    monkeypatch.setattr(isnet_fast.model, "ops_for", spy)
+    y, R = tiny_model("auto")(x)
+    assert chosen == [torch_ops]
+    assert R.shape == (1, 2, 3, 31, 37)
+
+
+def test_triton_backend_uses_triton_ops():
+    from isnet_fast import triton_ops
+    x = torch.rand(1, 3, 8, 8, device=DEVICE)
+    assert isnet_fast.model.ops_for("triton", x) is triton_ops
+
+
+def test_triton_backend_on_cpu_without_interpreter_raises(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    x = torch.rand(1, 3, 31, 37)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        isnet_fast.model.ops_for("triton", x)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        tiny_model("triton")(x)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "Triton", "", None])
+def test_invalid_backend_raises(backend):
+    with pytest.raises(ValueError, match="backend"):
+        tiny_model(backend)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton and torch backends agree on an odd-sized model
+# ---------------------------------------------------------------------------------------------
+
+def run_both(zb, train, e):
+    """y, R, grad_x, parameter gradients and running statistics (with grad), and y, R under
+    no_grad, of the triton and the torch backend on copies of one tiny DenseNet, 31 x 37 input."""
+    torch.manual_seed(0)
+    net = DenseNet(growth_rate=3, block_config=(2, 2), num_init_features=5, bn_size=1, num_classes=2).double()
+    with torch.no_grad():  # make the running statistics and affine parameters not trivial
+        for module in net.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.2, 0.2)
+                module.running_var.uniform_(0.5, 1.5)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.2, 0.2)
+    x = torch.rand(1, 3, 31, 37, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    results = {}
+    for backend in ("triton", "torch"):
+        device = DEVICE if backend == "triton" else torch.device("cpu")
+        model = IsDenseFast(copy.deepcopy(net), e=e, Zb=zb, backend=backend).to(device).train(train)
+        xx = x.to(device).requires_grad_()
+        y, R = model(xx)
+        cot_y = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2)).to(device)
+        cot_R = torch.randn(R.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3)).to(device)
+        ((R * cot_R).sum() + (y * cot_y).sum()).backward()
+        out = {"y": y, "R": R, "grad_x": xx.grad}
+        out.update({f"grad {k}": p.grad for k, p in model.DenseNet.named_parameters()})
+        out.update({k: v.clone() for k, v in model.DenseNet.state_dict().items() if "running" in k})
+        with torch.no_grad():
+            y, R = model(x.to(device))
+        out.update({"y no_grad": y, "R no_grad": R})
+        results[backend] = {k: v.detach().cpu() for k, v in out.items()}
+    return results
+
+
+def assert_backends_agree(results, tol=1e-12):
+    ours, theirs = results["triton"], results["torch"]
+    assert set(ours) == set(theirs)
+    assert theirs["R"].abs().max() > 0 and theirs["grad_x"].abs().max() > 0
+    for key in theirs:
+        assert rel_err(ours[key], theirs[key]) <= tol, key
+
+
+@pytest.mark.parametrize("zb, train", [pytest.param(True, False, id="Zb-eval"),
+                                       pytest.param(False, True, id="eps-train")])
+def test_triton_and_torch_backends_agree_on_odd_sizes(zb, train):
+    # e = 2**-7 is a float32 number: see test_triton_and_torch_backends_agree_with_default_epsilon
+    assert_backends_agree(run_both(zb, train, e=2.0 ** -7))
+
+
+def test_triton_and_torch_backends_agree_with_default_epsilon():
+    assert_backends_agree(run_both(zb=True, train=False, e=1e-2))
