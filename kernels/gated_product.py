@@ -19,6 +19,22 @@ from ._common import scalars, block_size, spatial_strides, stabilize, to_compute
 
 
 @triton.jit
+def _gate(act_ptrs, pre_ptrs, scale_ptr, shift_ptr, e_ptr, mask, HAS_FOLD: tl.constexpr, IS_FP64: tl.constexpr):
+    """Loads one channel's lanes; returns act, pre, scale, the stabilised denominator and the gate
+    act * scale / stab(pre * scale + shift) (scale 1 and shift 0 without a fold)."""
+    e = to_compute(tl.load(e_ptr), IS_FP64)
+    act = to_compute(tl.load(act_ptrs, mask=mask, other=0.0), IS_FP64)
+    pre = to_compute(tl.load(pre_ptrs, mask=mask, other=0.0), IS_FP64)
+    if HAS_FOLD:
+        scale = to_compute(tl.load(scale_ptr), IS_FP64)
+        denominator = stabilize(pre * scale + to_compute(tl.load(shift_ptr), IS_FP64), e)
+    else:
+        scale = to_compute(tl.full([], 1.0, tl.float32), IS_FP64)
+        denominator = stabilize(pre, e)
+    return act, pre, scale, denominator, act * scale / denominator
+
+
+@triton.jit
 def _gated_product_fwd_kernel(
     rel_ptr, act_ptr, pre_ptr, scale_ptr, shift_ptr, out_ptr,
     CLASSES, HW, e_ptr,
@@ -29,19 +45,13 @@ def _gated_product_fwd_kernel(
     HAS_FOLD: tl.constexpr, ACCUMULATE: tl.constexpr, IS_FP64: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
-    e = to_compute(tl.load(e_ptr), IS_FP64)
     ch = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     p = (pid_p * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
     mask = p < HW
-    act = to_compute(tl.load(act_ptr + b * act_sb + ch * act_sch + p * act_sp, mask=mask, other=0.0), IS_FP64)
-    pre = to_compute(tl.load(pre_ptr + b * pre_sb + ch * pre_sch + p * pre_sp, mask=mask, other=0.0), IS_FP64)
-    if HAS_FOLD:
-        scale = to_compute(tl.load(scale_ptr + ch), IS_FP64)
-        shift = to_compute(tl.load(shift_ptr + ch), IS_FP64)
-        gate = act * scale / stabilize(pre * scale + shift, e)
-    else:
-        gate = act / stabilize(pre, e)
+    act, pre, scale, denominator, gate = _gate(
+        act_ptr + b * act_sb + ch * act_sch + p * act_sp, pre_ptr + b * pre_sb + ch * pre_sch + p * pre_sp,
+        scale_ptr + ch, shift_ptr + ch, e_ptr, mask, HAS_FOLD, IS_FP64)
     rel_base = rel_ptr + b * rel_sb + ch * rel_sch + p * rel_sp
     out_base = out_ptr + b * out_sb + ch * out_sch + p * out_sp
     for c in range(CLASSES):
@@ -66,21 +76,13 @@ def _gated_product_bwd_kernel(
     # grad_rel is contiguous B x C x CH x HW; grad_act, grad_pre contiguous B x CH x HW;
     # partial sums for the fold's gradients are B x P_BLOCKS x CH, reduced by the launcher.
     pid_p = tl.program_id(0)
-    e = to_compute(tl.load(e_ptr), IS_FP64)
     ch = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     p = (pid_p * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
     mask = p < HW
-    act = to_compute(tl.load(act_ptr + b * act_sb + ch * act_sch + p * act_sp, mask=mask, other=0.0), IS_FP64)
-    pre = to_compute(tl.load(pre_ptr + b * pre_sb + ch * pre_sch + p * pre_sp, mask=mask, other=0.0), IS_FP64)
-    if HAS_FOLD:
-        scale = to_compute(tl.load(scale_ptr + ch), IS_FP64)
-        shift = to_compute(tl.load(shift_ptr + ch), IS_FP64)
-        denominator = stabilize(pre * scale + shift, e)
-        gate = act * scale / denominator
-    else:
-        denominator = stabilize(pre, e)
-        gate = act / denominator
+    act, pre, scale, denominator, gate = _gate(
+        act_ptr + b * act_sb + ch * act_sch + p * act_sp, pre_ptr + b * pre_sb + ch * pre_sch + p * pre_sp,
+        scale_ptr + ch, shift_ptr + ch, e_ptr, mask, HAS_FOLD, IS_FP64)
     # q = sum over classes of grad_out * rel: all the class-independent gradients need.
     q = tl.zeros([BLOCK], dtype=gate.dtype)
     grad_rel_base = grad_rel_ptr + (b * CLASSES * CHANNELS + ch) * HW + p
@@ -95,16 +97,13 @@ def _gated_product_bwd_kernel(
     # out = rel * act * scale / D(z), z = pre * scale + shift, dD/dz = 1
     grad_z = -q * gate / denominator
     offset = (b * CHANNELS + ch) * HW + p
+    tl.store(grad_act_ptr + offset, (q * scale / denominator).to(grad_act_ptr.dtype.element_ty), mask=mask)
+    tl.store(grad_pre_ptr + offset, (grad_z * scale).to(grad_pre_ptr.dtype.element_ty), mask=mask)
     if HAS_FOLD:
-        tl.store(grad_act_ptr + offset, (q * scale / denominator).to(grad_act_ptr.dtype.element_ty), mask=mask)
-        tl.store(grad_pre_ptr + offset, (grad_z * scale).to(grad_pre_ptr.dtype.element_ty), mask=mask)
         grad_scale = q * act / denominator + grad_z * pre
         partial = (b * tl.num_programs(0) + pid_p) * CHANNELS + ch
         tl.store(partial_scale_ptr + partial, tl.sum(tl.where(mask, grad_scale, 0.0), axis=0))
         tl.store(partial_shift_ptr + partial, tl.sum(grad_z, axis=0))
-    else:
-        tl.store(grad_act_ptr + offset, (q / denominator).to(grad_act_ptr.dtype.element_ty), mask=mask)
-        tl.store(grad_pre_ptr + offset, grad_z.to(grad_pre_ptr.dtype.element_ty), mask=mask)
 
 
 def gated_product_forward(rel, act, pre, scale, shift, e, out=None):

@@ -38,6 +38,28 @@ def _winner(index_base, y, x, mask, POOLED_H, POOLED_W, WIDTH,
 
 
 @triton.jit
+def _pixel_prologue(rel_ptr, index_ptr, act_ptr, z_ptr, e_ptr, HEIGHT, WIDTH, POOLED_H, POOLED_W, rel_sb, rel_sch,
+                    KERNEL: tl.constexpr, STRIDE: tl.constexpr, PADDING: tl.constexpr, CANDIDATES: tl.constexpr,
+                    IS_FP64: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's input pixels: their winners, where the winners' relevance sits (class 0),
+    and the activation and stabilised denominator at each pixel."""
+    b = tl.program_id(2).to(tl.int64)
+    ch = tl.program_id(1).to(tl.int64)
+    channels = tl.num_programs(1)
+    hw = HEIGHT * WIDTH
+    p = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+    mask = p < hw
+    plane = b * channels + ch
+    winner = _winner(index_ptr + plane * POOLED_H * POOLED_W, p // WIDTH, p % WIDTH, mask, POOLED_H, POOLED_W,
+                     WIDTH, KERNEL, STRIDE, PADDING, CANDIDATES)
+    found = winner >= 0
+    rel_base = rel_ptr + b * rel_sb + ch * rel_sch + tl.where(found, winner, 0)
+    act = to_compute(tl.load(act_ptr + plane * hw + p, mask=mask, other=0.0), IS_FP64)
+    z = to_compute(tl.load(z_ptr + plane * hw + p, mask=mask, other=0.0), IS_FP64)
+    return b, ch, channels, p, mask, found, rel_base, act, stabilize(z, to_compute(tl.load(e_ptr), IS_FP64))
+
+
+@triton.jit
 def _max_unpool_fwd_kernel(
     rel_ptr, index_ptr, act_ptr, z_ptr, out_ptr,
     CLASSES, HEIGHT, WIDTH, POOLED_H, POOLED_W, e_ptr,
@@ -46,24 +68,11 @@ def _max_unpool_fwd_kernel(
     IS_FP64: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # rel's pooled dims are contiguous (stride w, 1); index, act, z, out are contiguous.
-    pid_p = tl.program_id(0)
-    e = to_compute(tl.load(e_ptr), IS_FP64)
-    ch = tl.program_id(1).to(tl.int64)
-    b = tl.program_id(2).to(tl.int64)
-    channels = tl.num_programs(1)
+    b, ch, channels, p, mask, found, rel_base, act, denominator = _pixel_prologue(
+        rel_ptr, index_ptr, act_ptr, z_ptr, e_ptr, HEIGHT, WIDTH, POOLED_H, POOLED_W, rel_sb, rel_sch,
+        KERNEL, STRIDE, PADDING, CANDIDATES, IS_FP64, BLOCK)
     hw = HEIGHT * WIDTH
-    p = (pid_p * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
-    mask = p < hw
-    y = p // WIDTH
-    x = p % WIDTH
-    plane = b * channels + ch
-    winner = _winner(index_ptr + plane * POOLED_H * POOLED_W, y, x, mask, POOLED_H, POOLED_W, WIDTH,
-                     KERNEL, STRIDE, PADDING, CANDIDATES)
-    found = winner >= 0
-    act = to_compute(tl.load(act_ptr + plane * hw + p, mask=mask, other=0.0), IS_FP64)
-    z = to_compute(tl.load(z_ptr + plane * hw + p, mask=mask, other=0.0), IS_FP64)
-    gate = act / stabilize(z, e)
-    rel_base = rel_ptr + b * rel_sb + ch * rel_sch + tl.where(found, winner, 0)
+    gate = act / denominator
     out_base = out_ptr + (b * CLASSES * channels + ch) * hw + p
     for c in range(CLASSES):
         rel = to_compute(tl.load(rel_base + c * rel_sc, mask=mask & found, other=0.0), IS_FP64)
@@ -103,23 +112,11 @@ def _max_unpool_bwd_act_kernel(
     KERNEL: tl.constexpr, STRIDE: tl.constexpr, PADDING: tl.constexpr, CANDIDATES: tl.constexpr,
     IS_FP64: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    pid_p = tl.program_id(0)
-    e = to_compute(tl.load(e_ptr), IS_FP64)
-    ch = tl.program_id(1).to(tl.int64)
-    b = tl.program_id(2).to(tl.int64)
-    channels = tl.num_programs(1)
+    b, ch, channels, p, mask, found, rel_base, act, denominator = _pixel_prologue(
+        rel_ptr, index_ptr, act_ptr, z_ptr, e_ptr, HEIGHT, WIDTH, POOLED_H, POOLED_W, rel_sb, rel_sch,
+        KERNEL, STRIDE, PADDING, CANDIDATES, IS_FP64, BLOCK)
     hw = HEIGHT * WIDTH
-    p = (pid_p * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
-    mask = p < hw
-    y = p // WIDTH
-    x = p % WIDTH
     plane = b * channels + ch
-    winner = _winner(index_ptr + plane * POOLED_H * POOLED_W, y, x, mask, POOLED_H, POOLED_W, WIDTH,
-                     KERNEL, STRIDE, PADDING, CANDIDATES)
-    found = winner >= 0
-    act = to_compute(tl.load(act_ptr + plane * hw + p, mask=mask, other=0.0), IS_FP64)
-    denominator = stabilize(to_compute(tl.load(z_ptr + plane * hw + p, mask=mask, other=0.0), IS_FP64), e)
-    rel_base = rel_ptr + b * rel_sb + ch * rel_sch + tl.where(found, winner, 0)
     q = tl.zeros([BLOCK], dtype=act.dtype)
     for c in range(CLASSES):
         rel = to_compute(tl.load(rel_base + c * rel_sc, mask=mask & found, other=0.0), IS_FP64)
