@@ -81,6 +81,7 @@ __all__ = [
     "resolve_device",
     "run_case",
     "run_case_in_subprocess",
+    "silence_original_deprecation_warnings",
     "time_step",
 ]
 
@@ -93,7 +94,6 @@ _OUR_BUILDERS = {"densenet121": densenet121, "densenet161": densenet161, "densen
 
 CASES = ("explain", "train", "explain-floor", "train-floor")
 FLOOR_OF = {"explain": "explain-floor", "train": "train-floor"}
-IMPLEMENTATIONS = ("isnet_fast", "original", "autograd")
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
           "float16": torch.float16}
@@ -525,9 +525,19 @@ def run_case(spec: CaseSpec, timer: Timer = time_step, reference: Optional[Refer
 # carries over, through exec, the RSS of the process it was forked from: started straight from
 # this one (torch loaded, maybe gigabytes of earlier work), a case would report this process's
 # footprint whenever it exceeds its own. Forked from a ~10 MB launcher, it reports its own peak.
+# The launcher passes on SIGINT and SIGTERM, and its exit status or the signal that killed the
+# case; on Linux it gets SIGTERM when its parent dies, so no case outlives the command.
 _LAUNCHER = """\
 import os, signal, subprocess, sys
-code = subprocess.call(sys.argv[1:])
+if sys.platform.startswith("linux"):
+    import ctypes
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # the parent died before the line above
+        sys.exit(1)
+case = subprocess.Popen(sys.argv[1:])
+for forwarded in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(forwarded, lambda signum, frame: case.send_signal(signum))
+code = case.wait()
 if code < 0:  # killed by a signal: die by the same one, so the parent sees how
     if -code not in (signal.SIGKILL, signal.SIGSTOP):  # those two cannot be handled, nor need resetting
         signal.signal(-code, signal.SIG_DFL)
@@ -542,15 +552,24 @@ def run_case_in_subprocess(spec: CaseSpec) -> CaseResult:
         result_path = Path(folder) / "result.json"
         command = [sys.executable, "-c", _LAUNCHER, sys.executable, "-m", "isnet_fast.benchmark",
                    "--case", spec.to_json(), "--result", str(result_path)]
-        completed = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        with subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as launcher:
+            try:
+                _, stderr = launcher.communicate()
+            except BaseException:  # Ctrl-C, or a timeout upstream: stop the case too, not just its launcher
+                launcher.terminate()
+                try:
+                    launcher.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    launcher.kill()
+                raise
         if result_path.is_file():
             return CaseResult.from_dict(json.loads(result_path.read_text()))
-    how = (f"was killed by signal {-completed.returncode}" if completed.returncode < 0
-           else f"exited with code {completed.returncode}")
-    hint = " (out of memory?)" if completed.returncode == -9 else ""
-    last_line = (completed.stderr.strip().splitlines() or [""])[-1]
+    code = launcher.returncode
+    how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+    hint = " (out of memory?)" if code == -9 else ""
+    last_line = (stderr.strip().splitlines() or [""])[-1]
     return CaseResult(spec, error=f"the case's subprocess {how}{hint}" + (f": {last_line}" if last_line else ""),
-                      error_detail=completed.stderr)
+                      error_detail=stderr)
 
 
 def measure(spec: CaseSpec, reference: Optional[ReferenceModules] = None) -> CaseResult:
@@ -690,7 +709,21 @@ def extra_info(spec: CaseSpec, peak_memory_bytes: Optional[int], memory_kind: st
 # ----------------------------------------------------------------------------- subprocess entry
 
 
-def _ignore_original_deprecation_warnings() -> None:
+def _exit_with_parent() -> None:
+    """Linux: have the kernel stop this case if its launcher dies (killed with SIGKILL, say)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM))
+    except (OSError, AttributeError):  # no prctl: a dead launcher leaves the case to finish on its own
+        pass
+
+
+def silence_original_deprecation_warnings() -> None:
     # The original calls torch.cuda.amp.autocast, deprecated in recent torch: one warning per
     # call site, which would interleave with the progress lines.
     warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.cuda\.amp\.autocast")
@@ -702,7 +735,8 @@ def _subprocess_main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--case", required=True, help="the CaseSpec as JSON")
     parser.add_argument("--result", required=True, help="file to write the CaseResult to, as JSON")
     args = parser.parse_args(argv)
-    _ignore_original_deprecation_warnings()
+    _exit_with_parent()
+    silence_original_deprecation_warnings()
     spec = CaseSpec.from_json(args.case)
     try:
         result = run_case(spec)

@@ -1,7 +1,8 @@
 """The ``isnet-fast`` command line.
 
 Subcommands: ``bench`` (speed and memory of IsDenseFast against the gradient floor and the
-original ISNet code). Each subcommand adds its parser in an ``_add_<name>_parser`` function and
+original ISNet code), ``demo`` (an ISNet that learns to ignore a background shortcut) and
+``explain`` (heatmap PNGs for images). Each subcommand adds its parser in an ``_add_<name>_parser`` function and
 sets ``handler``, a function of the parsed arguments returning the exit code.
 
 Exit codes: 0 success, 1 a measurement failed, 2 bad options (argparse's convention).
@@ -23,6 +24,8 @@ import torch
 
 from . import __version__
 from . import benchmark as bm
+from .demo import add_demo_parser
+from .explain import add_explain_parser
 
 SWEEP_AXES = ("classes", "batch", "size")
 # Values a sweep takes when --sweep-values is not given.
@@ -50,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"isnet-fast {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_bench_parser(subparsers)
+    add_demo_parser(subparsers)
+    add_explain_parser(subparsers)
     return parser
 
 
@@ -146,11 +151,11 @@ def run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             parser.error(str(error))
 
     started = time.perf_counter()
-    _progress(f"isnet-fast bench: {len(specs)} case(s), {_describe(settings, device)}"
+    _progress(f"isnet-fast bench: {len(specs)} case(s), {_describe(settings, device, args.sweep)}"
               + ("; each case in its own process" if device.type == "cpu" else ""))
     results = []
     with warnings.catch_warnings():
-        bm._ignore_original_deprecation_warnings()
+        bm.silence_original_deprecation_warnings()
         for index, spec in enumerate(specs, 1):
             axes = ", ".join(f"{axis} {getattr(spec, axis)}" for axis in _table_axes(args))
             _progress(f"[{index}/{len(specs)}] {axes}: {spec.label} ...", end="")
@@ -172,7 +177,9 @@ def run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     print(format_table(comparisons, _table_axes(args)))
     plot_path = None
     if args.sweep:
-        plot_path, plot_note = _write_sweep_plot(comparisons, args.sweep, args.plot or f"isnet-fast-sweep-{args.sweep}.png")
+        plot_path, plot_note = _write_sweep_plot(comparisons, args.sweep,
+                                                 args.plot or f"isnet-fast-sweep-{args.sweep}.png",
+                                                 title=_describe(settings, device, args.sweep))
         notes.append(plot_note)
     for note in notes:
         print(note)
@@ -191,7 +198,8 @@ def run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
         _progress(f"wrote {args.json}")
     if failed:
-        _progress(f"{len(failed)} case(s) failed; the JSON output (--json) holds their tracebacks")
+        where = "the JSON output holds" if args.json else "rerun with --json FILE for"
+        _progress(f"{len(failed)} case(s) failed; {where} their tracebacks")
         return 1
     return 0
 
@@ -209,7 +217,7 @@ def _validated_settings(args, parser):
         parser.error("--backend triton needs a CUDA device (or TRITON_INTERPRET=1 for Triton's slow CPU interpreter); "
                      "use --backend torch or auto on the CPU")
     defaults = bm.default_settings(device_name)
-    classes = tuple(args.classes or defaults["classes"])
+    classes = tuple(dict.fromkeys(args.classes or defaults["classes"]))  # in order, without repeats
     settings = dict(arch=args.arch, batch=args.batch or defaults["batch"], size=args.size or defaults["size"],
                     dtype=args.dtype, device=device_name, backend=args.backend,
                     threads=(args.threads or torch.get_num_threads()) if device.type == "cpu" else args.threads,
@@ -224,9 +232,9 @@ def _validated_settings(args, parser):
         parser.error("--plot needs --sweep classes|batch|size")
     if args.sweep:
         if args.sweep_values:
-            sweep_values = tuple(args.sweep_values)
-        elif args.sweep == "classes" and args.classes and len(args.classes) > 1:
-            sweep_values = tuple(args.classes)
+            sweep_values = tuple(dict.fromkeys(args.sweep_values))
+        elif args.sweep == "classes" and args.classes and len(classes) > 1:
+            sweep_values = classes
         else:
             ladder = DEFAULT_SWEEP_VALUES[device.type][args.sweep]
             sweep_values = tuple(v for v in ladder if args.sweep != "size" or v >= smallest)
@@ -245,7 +253,9 @@ def _validated_settings(args, parser):
         except bm.ReferenceFolderError as error:
             parser.error(f"{source}: {error}")
     for option, path in (("--json", args.json), ("--plot", args.plot)):
-        if path and not Path(path).expanduser().resolve().parent.is_dir():
+        if path and Path(path).is_dir():
+            parser.error(f"{option} {path}: that is a folder; name a file")
+        if path and not Path(path).resolve().parent.is_dir():
             parser.error(f"{option} {path}: the folder {str(Path(path).parent)!r} does not exist")
     return settings, classes, sweep_values
 
@@ -275,15 +285,21 @@ def _table_axes(args) -> List[str]:
     return ["classes"] if args.sweep in (None, "classes") else [args.sweep, "classes"]
 
 
-def _describe(settings: Dict, device: torch.device) -> str:
-    threads = f", {settings['threads']} threads" if device.type == "cpu" else ""
-    return (f"{settings['arch']}, batch {settings['batch']}, {settings['size']}x{settings['size']}, "
-            f"{settings['dtype']}, {device} ({bm.device_name(device)}{threads}), backend {settings['backend']}")
+def _describe(settings: Dict, device: torch.device, sweep: Optional[str]) -> str:
+    """The fixed settings in words; a swept axis is named as swept, not by its base value."""
+    threads = settings["threads"]
+    threads = f", {threads} thread{'s' if threads != 1 else ''}" if device.type == "cpu" else ""
+    parts = [settings["arch"],
+             "batch swept" if sweep == "batch" else f"batch {settings['batch']}",
+             "size swept" if sweep == "size" else f"{settings['size']}x{settings['size']}",
+             settings["dtype"], f"{device} ({bm.device_name(device)}{threads})", f"backend {settings['backend']}"]
+    if sweep == "classes":
+        parts.append("classes swept")
+    return ", ".join(parts)
 
 
 def _header(settings: Dict, device: torch.device, args) -> str:
-    swept = f", sweeping {args.sweep}" if args.sweep else ""
-    return (f"{_describe(settings, device)}{swept}; median of {settings['repeat']} after "
+    return (f"{_describe(settings, device, args.sweep)}; median of {settings['repeat']} after "
             f"{settings['warmup']} warmup; torch {torch.__version__}")
 
 
@@ -335,7 +351,7 @@ def format_table(comparisons: Sequence[bm.Comparison], axes: Sequence[str]) -> s
     return "\n".join([line(titles)] + [line(r) for r in rows])
 
 
-def _write_sweep_plot(comparisons: Sequence[bm.Comparison], axis: str, path: str):
+def _write_sweep_plot(comparisons: Sequence[bm.Comparison], axis: str, path: str, title: str):
     """Writes time and peak memory against the swept axis; returns (path or None, a note for the user)."""
     try:
         from matplotlib.figure import Figure
@@ -356,10 +372,12 @@ def _write_sweep_plot(comparisons: Sequence[bm.Comparison], axis: str, path: str
         xs, times, memories = zip(*points)
         time_axes.plot(xs, times, marker="o", label=name)
         memory_axes.plot(xs, memories, marker="o", label=name)
-    time_axes.set(xlabel=axis, ylabel="ms per batch", title="time")
+    values = sorted({getattr(c.result.spec, axis) for c in comparisons})
+    time_axes.set(xlabel=axis, ylabel="ms per batch", title="time per batch (median)", xticks=values)
     memory_kind = comparisons[0].result.memory_kind if comparisons else ""
-    memory_axes.set(xlabel=axis, ylabel="MiB", title=memory_kind or "peak memory")
+    memory_axes.set(xlabel=axis, ylabel="MiB", title=memory_kind or "peak memory", xticks=values)
     time_axes.legend(fontsize="small")
+    figure.suptitle(title)
     figure.savefig(path, dpi=120)
     return path, f"plot: {path}"
 

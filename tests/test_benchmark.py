@@ -10,6 +10,9 @@ import torch
 
 from isnet_fast import benchmark as bm
 
+# The original calls the deprecated torch.cuda.amp.autocast.
+pytestmark = pytest.mark.filterwarnings(r"ignore:.*torch\.cuda\.amp\.autocast:FutureWarning")
+
 TINY = dict(arch="tiny", batch=2, size=32, threads=1, warmup=0, repeat=1)
 
 
