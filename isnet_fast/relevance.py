@@ -26,17 +26,23 @@ from .torch_ops import stabilize
 ZB_LOW, ZB_HIGH = 0.0, 1.0  # the z^B rule's pixel bounds, as in the original
 
 
-def batchnorm_fold(bn: nn.BatchNorm2d, batch_input: torch.Tensor = None) -> Tuple[torch.Tensor, torch.Tensor]:
+def batch_statistics(batch_input: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Detached per-channel batch mean and *unbiased* variance, as the original folds them."""
+    var, mean = torch.var_mean(batch_input.detach(), dim=(0, 2, 3))
+    return mean, var
+
+
+def batchnorm_fold(bn: nn.BatchNorm2d, batch_input: torch.Tensor = None,
+                   statistics: Tuple[torch.Tensor, torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-channel (scale, shift) of a BatchNorm folded into the linear map before it.
 
-    Statistics are detached, as is beta; gamma is not. In training the statistics are the batch
-    mean and the *unbiased* batch variance of ``batch_input`` (the BatchNorm's input), as the
-    original computes them.
+    Statistics are detached, as is beta; gamma is not. In training they are the batch mean and
+    unbiased variance of the BatchNorm's input: ``statistics`` (of a wider tensor whose first
+    channels are that input) when given, else those of ``batch_input``.
     """
     if bn.training:
-        data = batch_input.detach()
-        mean = data.mean(dim=(0, 2, 3))
-        var = data.var(dim=(0, 2, 3))
+        mean, var = statistics if statistics is not None else batch_statistics(batch_input)
+        mean, var = mean[:bn.num_features], var[:bn.num_features]
     else:
         mean, var = bn.running_mean.detach(), bn.running_var.detach()
     std = torch.sqrt(var + bn.eps)
@@ -70,10 +76,12 @@ def _unflat(t: torch.Tensor, batch: int) -> torch.Tensor:
     return t.view(batch, t.shape[0] // batch, *t.shape[1:])
 
 
-def consumer_folds(block: DenseBlockPlan, block_input: torch.Tensor) -> Dict[int, Tuple[torch.Tensor, torch.Tensor]]:
+def consumer_folds(block: DenseBlockPlan, block_input: torch.Tensor,
+                   statistics=None) -> Dict[int, Tuple[torch.Tensor, torch.Tensor]]:
     """For each layer m, the fold (scale, shift) over the channels its relevance reaches.
 
-    ``block_input`` is the block's concatenated features (the BatchNorms' input in training).
+    ``block_input`` is the block's concatenated features, ``statistics`` their batch statistics
+    (what the BatchNorms fold in training).
     Channel ranges whose producer does not take layer m's relevance (see
     ``structure.consumer_pairs``) get scale 0 and shift 1: they contribute exactly nothing.
     """
@@ -91,7 +99,7 @@ def consumer_folds(block: DenseBlockPlan, block_input: torch.Tensor) -> Dict[int
                 shifts.append(block_input.new_ones(width))
                 continue
             if id(bn) not in bn_folds:
-                bn_folds[id(bn)] = batchnorm_fold(bn, block_input[:, :bn.num_features])
+                bn_folds[id(bn)] = batchnorm_fold(bn, block_input[:, :bn.num_features], statistics)
             scales.append(bn_folds[id(bn)][0][sl])
             shifts.append(bn_folds[id(bn)][1][sl])
         if len({id(bn) for _, bn in pairs}) == 1 and len(pairs) == m:
@@ -155,19 +163,21 @@ def width_segments(width: int, widths) -> int:
     raise AssertionError(f"{width} channels do not end on a producer boundary")
 
 
-def post_block_relevance(block: DenseBlockPlan, acts, post_relevance: torch.Tensor, e: float, ops) -> torch.Tensor:
+def post_block_relevance(block: DenseBlockPlan, acts, post_relevance: torch.Tensor, e: float, ops,
+                         statistics=None) -> torch.Tensor:
     """The post-block BatchNorm's (the transition's or norm5's) quotient over all the block's channels.
 
     ``post_relevance`` is the class-expanded factor c such that the relevance at the post-block
     ReLU is ``post_relu_out * c``.
     """
     features = acts.output
-    scale, shift = batchnorm_fold(block.post_norm, features)
+    scale, shift = batchnorm_fold(block.post_norm, features, statistics)
     return ops.gated_product(post_relevance.expand(-1, -1, -1, *features.shape[-2:]), acts.post_relu_out,
                              features, scale, shift, e)
 
 
-def block_relevance(block: DenseBlockPlan, acts, first: torch.Tensor, e: float, in_place: bool, ops) -> torch.Tensor:
+def block_relevance(block: DenseBlockPlan, acts, first: torch.Tensor, e: float, in_place: bool, ops,
+                    statistics=None) -> torch.Tensor:
     """Relevance through a dense block, from the post-block quotient ``first`` (which, without
     autograd, becomes the block-wide accumulator). Returns the summed quotient for the block
     input's channels: what the transition's (or stem's) pool spreads back.
@@ -176,7 +186,7 @@ def block_relevance(block: DenseBlockPlan, acts, first: torch.Tensor, e: float, 
     batch = features.shape[0]
     spatial = features.shape[-2:]
     accumulator = _Accumulator(block, first, in_place, ops)
-    folds = consumer_folds(block, features)
+    folds = consumer_folds(block, features, statistics)
     for layer_plan, layer_acts in zip(reversed(block.layers), reversed(acts.layers)):
         layer = layer_plan.module
         m = int(layer_plan.name[len("denselayer"):])
@@ -262,7 +272,9 @@ def relevance(plan: DenseNetPlan, acts: Activations, e: float, zb: bool, ops=tor
         block, block_acts = plan.blocks[index], acts.blocks[index]
         if block.transition is not None:
             factor, quotient = transition_relevance(block, block_acts, quotient, e, ops), None
-        first, factor = post_block_relevance(block, block_acts, factor, e, ops), None
-        quotient = block_relevance(block, block_acts, first, e, in_place, ops)
+        # The block's BatchNorms fold batch statistics of its features in training: compute them once.
+        statistics = batch_statistics(block_acts.output) if block.post_norm.training else None
+        first, factor = post_block_relevance(block, block_acts, factor, e, ops, statistics), None
+        quotient = block_relevance(block, block_acts, first, e, in_place, ops, statistics)
         del first
     return stem_relevance(plan, acts, quotient, e, zb, ops)
