@@ -22,6 +22,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from .argtypes import non_negative_int, positive_int
 from . import __version__
 from . import benchmark as bm
 from .demo import add_demo_parser
@@ -61,24 +62,6 @@ def build_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------- bench
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
 
 
 BENCH_DESCRIPTION = """\
@@ -103,10 +86,10 @@ def _add_bench_parser(subparsers) -> None:
     model.add_argument("--arch", choices=bm.ARCHS, default="densenet121",
                        help="DenseNet architecture (default densenet121); 'tiny' is a smoke-test DenseNet "
                             "(growth 4, blocks 2-2-2-2) for checking the tooling, not for figures")
-    model.add_argument("--batch", type=_positive_int, help="images per batch (default: 2 on CPU, 8 on CUDA)")
-    model.add_argument("--classes", type=_positive_int, nargs="+", metavar="N",
+    model.add_argument("--batch", type=positive_int, help="images per batch (default: 2 on CPU, 8 on CUDA)")
+    model.add_argument("--classes", type=positive_int, nargs="+", metavar="N",
                        help="number(s) of classes, one heatmap each (default: 2 on CPU, 2 10 on CUDA)")
-    model.add_argument("--size", type=_positive_int, help="image side in pixels (default 224)")
+    model.add_argument("--size", type=positive_int, help="image side in pixels (default 224)")
     model.add_argument("--dtype", choices=tuple(bm.DTYPES), default="float32",
                        help="weights and images (default float32; bfloat16 and float16 only on CUDA)")
     model.add_argument("--cases", nargs="+", choices=bm.CASES, default=list(bm.CASES), metavar="CASE",
@@ -120,14 +103,14 @@ def _add_bench_parser(subparsers) -> None:
                                                                    f"${bm.REFERENCE_ENV} is set")
     run = parser.add_argument_group("how to measure")
     run.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
-    run.add_argument("--threads", type=_positive_int, help="torch.set_num_threads on the CPU (default: torch's)")
-    run.add_argument("--warmup", type=_non_negative_int, help="untimed runs first (default: 1 on CPU, 3 on CUDA)")
-    run.add_argument("--repeat", type=_positive_int, help="timed runs; the median is reported "
+    run.add_argument("--threads", type=positive_int, help="torch.set_num_threads on the CPU (default: torch's)")
+    run.add_argument("--warmup", type=non_negative_int, help="untimed runs first (default: 1 on CPU, 3 on CUDA)")
+    run.add_argument("--repeat", type=positive_int, help="timed runs; the median is reported "
                                                           "(default: 3 on CPU, 10 on CUDA)")
     sweep = parser.add_argument_group("sweeps")
     sweep.add_argument("--sweep", choices=SWEEP_AXES,
                        help="measure across values of classes, batch or size, to see how time and memory grow")
-    sweep.add_argument("--sweep-values", type=_positive_int, nargs="+", metavar="N",
+    sweep.add_argument("--sweep-values", type=positive_int, nargs="+", metavar="N",
                        help="the values to sweep (default: --classes when it lists several, else a ladder "
                             "for the device)")
     sweep.add_argument("--plot", metavar="FILE.png",

@@ -24,6 +24,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from .argtypes import positive_int
 from . import __version__
 from .data import MARKER_COLOUR_NAMES, MARKER_COLOURS, TEST_VARIANTS, make_biased_digits
 from .explain import ExplainError, draw_heatmap, draw_image, new_figure, relevance_inside_mask
@@ -237,15 +238,6 @@ Needs scikit-learn and matplotlib (pip install isnet-fast[demo]).
 """
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
 
 def add_demo_parser(subparsers) -> argparse.ArgumentParser:
     """Adds ``demo`` to an argparse subparsers object; its handler is :func:`run_demo`."""
@@ -254,12 +246,12 @@ def add_demo_parser(subparsers) -> argparse.ArgumentParser:
     parser.set_defaults(handler=run_demo, subparser=parser)
     parser.add_argument("--out", default="isnet-demo", metavar="DIR",
                         help="folder for the results (default ./isnet-demo)")
-    parser.add_argument("--epochs", type=_positive_int,
+    parser.add_argument("--epochs", type=positive_int,
                         help=f"epochs for each model (default {DEFAULT_SETTINGS.epochs}; "
                              f"{QUICK_SETTINGS.epochs} with --quick)")
     parser.add_argument("--seed", type=int, default=0, help="data split, markers and initial weights (default 0)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    parser.add_argument("--threads", type=_positive_int, help="torch.set_num_threads for the CPU (default: torch's)")
+    parser.add_argument("--threads", type=positive_int, help="torch.set_num_threads for the CPU (default: torch's)")
     parser.add_argument("--quick", action="store_true",
                         help="a smoke test in seconds (tiny network, 120 digits, one epoch): checks the "
                              "plumbing, says nothing about ISNet")

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .argtypes import positive_int
 from .densenet import convert_torchvision_state_dict, densenet121, densenet161, densenet169, densenet201
 from .model import IsDenseFast
 from .training import build_densenet, parse_device
@@ -280,15 +281,6 @@ architecture. For the original ISNet's checkpoints (IsDense / Lightning state di
 """
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
 
 def _size(text: str) -> Tuple[int, int]:
     """``N`` (square) or ``HxW``."""
@@ -316,7 +308,7 @@ def add_explain_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--arch", choices=tuple(ARCHITECTURES),
                         help="the DenseNet (default: the configuration our checkpoints record; "
                              "needed for the original's checkpoints)")
-    parser.add_argument("--classes", type=_positive_int,
+    parser.add_argument("--classes", type=positive_int,
                         help="number of classes (default: the checkpoint's classifier)")
     parser.add_argument("--size", type=_size, metavar="N|HxW",
                         help="resize the images to this size (default: the size our checkpoint was trained "
