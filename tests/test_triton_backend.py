@@ -12,12 +12,11 @@ pytest.importorskip("triton")
 import isnet_fast.model  # noqa: E402
 from helpers import load_fixture, rel_err  # noqa: E402
 from isnet_fast import DenseNet, IsDenseFast, torch_ops  # noqa: E402
-from test_parity import TOLERANCE, build_from_fixture  # noqa: E402
+from test_parity import assert_matches_fixture, build_from_fixture  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # d121_topology_eval is left out: far too slow in the interpreter
 FIXTURES = ["tiny_eval_zb", "tiny_eval_eps", "tiny_train_dropout", "single_class_64", "ten_classes"]
-
 
 
 def on_device(data):
@@ -32,22 +31,7 @@ def test_triton_backend_matches_reference(name):
     y, R = model(x)
     ((R * data["G_R"].to(R)).sum() + (y * data["G_y"].to(y)).sum()).backward()
 
-    tol = TOLERANCE[torch.float64]
-    assert R.shape == data["R"].shape
-    assert rel_err(y, data["y"]) <= tol["y"]
-    assert rel_err(R, data["R"]) <= tol["R"]
-    assert rel_err(x.grad, data["grad_x"]) <= tol["grad_x"]
-    params = dict(model.DenseNet.named_parameters())
-    assert set(params) == set(data["grad_params"])
-    for param_name, param in params.items():
-        assert rel_err(param.grad, data["grad_params"][param_name]) <= tol["grad_param"], param_name
-    state = model.DenseNet.state_dict()
-    checked = 0
-    for key, value in data["state_dict_after"].items():
-        if "running" in key:  # moved in train mode, unchanged in eval mode
-            assert rel_err(state[key], value) <= tol["running"], key
-            checked += 1
-    assert checked > 0
+    assert_matches_fixture(data, model, x, y, R, torch.float64)
 
 
 @pytest.mark.parametrize("name", FIXTURES)
