@@ -86,27 +86,29 @@ def consumer_folds(block: DenseBlockPlan, block_input: torch.Tensor,
     ``structure.consumer_pairs``) get scale 0 and shift 1: they contribute exactly nothing.
     """
     bn_folds = {}
+
+    def fold(bn):
+        if id(bn) not in bn_folds:
+            bn_folds[id(bn)] = batchnorm_fold(bn, block_input[:, :bn.num_features], statistics)
+        return bn_folds[id(bn)]
+
     folds = {}
     for m, pairs in block.consumers.items():
+        if len(pairs) == m and len({id(bn) for _, bn in pairs}) == 1:
+            folds[m] = fold(pairs[0][1])  # one BatchNorm over all m producers' channels: its fold as it is
+            continue
         paired = dict(pairs)
         scales, shifts = [], []
         for producer in range(m):
             sl = block.producer_slice(producer)
             bn = paired.get(producer)
             if bn is None:
-                width = sl.stop - sl.start
-                scales.append(block_input.new_zeros(width))
-                shifts.append(block_input.new_ones(width))
-                continue
-            if id(bn) not in bn_folds:
-                bn_folds[id(bn)] = batchnorm_fold(bn, block_input[:, :bn.num_features], statistics)
-            scales.append(bn_folds[id(bn)][0][sl])
-            shifts.append(bn_folds[id(bn)][1][sl])
-        if len({id(bn) for _, bn in pairs}) == 1 and len(pairs) == m:
-            bn = pairs[0][1]  # one BatchNorm over all channels: use its fold as it is
-            folds[m] = bn_folds[id(bn)]
-        else:
-            folds[m] = (torch.cat(scales), torch.cat(shifts))
+                scales.append(block_input.new_zeros(sl.stop - sl.start))
+                shifts.append(block_input.new_ones(sl.stop - sl.start))
+            else:
+                scales.append(fold(bn)[0][sl])
+                shifts.append(fold(bn)[1][sl])
+        folds[m] = (torch.cat(scales), torch.cat(shifts))
     return folds
 
 
