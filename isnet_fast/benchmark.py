@@ -55,6 +55,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .densenet import DenseNet, densenet121, densenet161, densenet169, densenet201
+from .devices import resolve_device
 from .forward import minimum_input_size
 from .loss import heatmap_loss
 from .model import BACKENDS, IsDenseFast
@@ -194,24 +195,6 @@ def case_specs(cases: Sequence[str], classes: Sequence[int], with_original: bool
             if FLOOR_OF[case] in cases:
                 specs.append(CaseSpec(FLOOR_OF[case], "autograd", classes=n_classes, **settings))
     return specs
-
-
-def resolve_device(name: str) -> torch.device:
-    """``cpu``, ``cuda`` or ``cuda:N`` as a torch.device; ValueError if it is unknown or not available here."""
-    try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise ValueError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from error
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"unsupported device {name!r}; use cpu, cuda or cuda:N")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {name!r} asked for, but CUDA is not available (torch {torch.__version__}); "
-                             "use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"device {name!r} does not exist: this machine has {torch.cuda.device_count()} "
-                             "CUDA device(s)")
-    return device
 
 
 def minimum_image_size(arch: str) -> int:

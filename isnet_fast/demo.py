@@ -25,11 +25,12 @@ from typing import Any, Dict, Optional
 import torch
 
 from .argtypes import positive_int
+from .devices import resolve_device
 from . import __version__
 from .data import MARKER_COLOUR_NAMES, MARKER_COLOURS, TEST_VARIANTS, make_biased_digits
 from .explain import ExplainError, draw_heatmap, draw_image, new_figure, relevance_inside_mask
 from .model import IsDenseFast
-from .training import TrainConfig, build_densenet, evaluate, parse_device, train
+from .training import TrainConfig, build_densenet, evaluate, train
 
 __all__ = ["DEFAULT_SETTINGS", "QUICK_SETTINGS", "DemoSettings", "add_demo_parser", "run_demo", "run_experiment"]
 
@@ -265,7 +266,7 @@ def run_demo(args: argparse.Namespace, parser: Optional[argparse.ArgumentParser]
     if args.epochs is not None:
         settings = dataclasses.replace(settings, epochs=args.epochs)
     try:
-        device = parse_device(args.device)
+        device = resolve_device(args.device)
     except ValueError as error:
         return _fail(f"--device: {error}")
     if args.threads:

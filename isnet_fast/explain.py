@@ -22,9 +22,10 @@ import torch
 import torch.nn as nn
 
 from .argtypes import positive_int
+from .devices import resolve_device
 from .densenet import convert_torchvision_state_dict, densenet121, densenet161, densenet169, densenet201
 from .model import IsDenseFast
-from .training import build_densenet, parse_device
+from .training import build_densenet
 
 __all__ = [
     "ARCHITECTURES",
@@ -342,7 +343,7 @@ def run_explain(args: argparse.Namespace, parser: Optional[argparse.ArgumentPars
 def explain_images(args: argparse.Namespace) -> List[str]:
     """Does the work of :func:`run_explain`; returns a settings line, then one summary line per image."""
     try:
-        device = parse_device(args.device)
+        device = resolve_device(args.device)
     except ValueError as error:
         raise ExplainError(f"--device: {_first_line(error)}") from error
     model, checkpoint = load_explained_model(args.checkpoint, args.arch, args.classes)

@@ -41,7 +41,6 @@ __all__ = [
     "densenet_config",
     "evaluate",
     "load_checkpoint",
-    "parse_device",
     "save_checkpoint",
     "scheduled_lr",
     "train",
@@ -178,21 +177,6 @@ def build_densenet(config: Mapping[str, Any]) -> DenseNet:
     if dropout is not None:
         net.classifier = nn.Sequential(nn.Dropout(p=dropout), net.classifier)
     return net
-
-
-def parse_device(name: str) -> torch.device:
-    """``torch.device(name)``, raising ValueError when it is malformed or not on this machine."""
-    try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise ValueError(f"bad device {name!r}: {error}") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {name!r} asked for, but CUDA is not available")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"device {name!r} asked for, but this machine has {torch.cuda.device_count()} "
-                             "CUDA device(s)")
-    return device
 
 
 def _model_device(model: nn.Module) -> torch.device:
