@@ -281,20 +281,25 @@ class PoolCase:
     zeros_in_pre: bool = False
 
 
+def pooled_relevance(g, layout, b, c, ch, ph, pw, views):
+    """A B x C x ch x ph x pw relevance stored as ``layout`` (channel_slice, transposed or
+    contiguous); the view that gives it its shape goes into ``views["rel"]``."""
+    if layout == "channel_slice":
+        views["rel"] = lambda t: t[:, :, 1:1 + ch]
+        return randn(g, b, c, ch + 2, ph, pw)
+    if layout == "transposed":
+        views["rel"] = lambda t: t.transpose(-1, -2)
+        return randn(g, b, c, ch, pw, ph)
+    return randn(g, b, c, ch, ph, pw)
+
+
 def pool_spec(case: PoolCase, seed=0, pre_away_from_zero=False) -> Spec:
     g = generator(seed)
     b, c, ch = case.batch, case.classes, case.channels
     ph, pw = case.pooled
     h, w = 2 * ph + case.extra[0], 2 * pw + case.extra[1]
     views = {}
-    if case.rel == "channel_slice":
-        rel = randn(g, b, c, ch + 2, ph, pw)
-        views["rel"] = lambda t: t[:, :, 1:1 + ch]
-    elif case.rel == "transposed":
-        rel = randn(g, b, c, ch, pw, ph)
-        views["rel"] = lambda t: t.transpose(-1, -2)
-    else:
-        rel = randn(g, b, c, ch, ph, pw)
+    rel = pooled_relevance(g, case.rel, b, c, ch, ph, pw, views)
     make_pre = nonzero_pre if pre_away_from_zero else randn
     if case.act == "channel_slice":
         act, pre = randn(g, b, ch + 3, h, w), make_pre(g, b, ch + 1, h, w)
@@ -352,14 +357,7 @@ def unpool_spec(case: UnpoolCase, seed=0, z_away_from_zero=False) -> Spec:
     indices = pool_indices(g, b, ch, case.size, case.data, case.geometry)
     ph, pw = indices.shape[-2:]
     views = {}
-    if case.rel == "channel_slice":
-        rel = randn(g, b, c, ch + 2, ph, pw)
-        views["rel"] = lambda t: t[:, :, 1:1 + ch]
-    elif case.rel == "transposed":
-        rel = randn(g, b, c, ch, pw, ph)
-        views["rel"] = lambda t: t.transpose(-1, -2)
-    else:
-        rel = randn(g, b, c, ch, ph, pw)
+    rel = pooled_relevance(g, case.rel, b, c, ch, ph, pw, views)
     make_z = nonzero_pre if z_away_from_zero else randn
     if case.act == "channel_slice":
         act, z = randn(g, b, ch + 2, *case.size), make_z(g, b, ch + 1, *case.size)
