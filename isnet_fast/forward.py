@@ -21,6 +21,11 @@ class DenseLayerActivations:
     conv1_out: torch.Tensor
     relu2_out: torch.Tensor  # input of conv2
     conv2_out: torch.Tensor
+    # The concatenated input of norm1, kept only under autograd: the relevance pass's gate reads
+    # it, and its gradient then splits into the producers' without the zero-filled full-size
+    # gradient a slice of the block's output would make in every layer. Without autograd the
+    # pass reads that slice, so these (quadratic in the block's depth) are freed at once.
+    norm1_in: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -94,11 +99,13 @@ def run_forward(plan: DenseNetPlan, x: torch.Tensor) -> Activations:
                 raise ValueError(f"{block.name}.{layer_plan.name} has drop_rate={layer.drop_rate}: the relevance pass "
                                  "(like the original's) assumes no dropout inside dense blocks; build the DenseNet "
                                  "with drop_rate=0 (dropout before the classifier is supported)")
-            relu1_out = layer.relu1(layer.norm1(torch.cat(concatenated, 1)))
+            norm1_in = torch.cat(concatenated, 1)
+            relu1_out = layer.relu1(layer.norm1(norm1_in))
             conv1_out = layer.conv1(relu1_out)
             relu2_out = layer.relu2(layer.norm2(conv1_out))
             conv2_out = layer.conv2(relu2_out)
-            acts.layers.append(DenseLayerActivations(relu1_out, conv1_out, relu2_out, conv2_out))
+            acts.layers.append(DenseLayerActivations(relu1_out, conv1_out, relu2_out, conv2_out,
+                                                     norm1_in if torch.is_grad_enabled() else None))
             concatenated.append(conv2_out)
         acts.output = torch.cat(concatenated, 1)
         if block.transition is not None:

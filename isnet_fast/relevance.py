@@ -28,7 +28,13 @@ ZB_LOW, ZB_HIGH = 0.0, 1.0  # the z^B rule's pixel bounds, as in the original
 
 def batch_statistics(batch_input: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Detached per-channel batch mean and *unbiased* variance, as the original folds them."""
-    var, mean = torch.var_mean(batch_input.detach(), dim=(0, 2, 3))
+    # Two passes (mean, then the centred squares): as exact as torch.var_mean, and on the CPU
+    # about ten times faster.
+    batch_input = batch_input.detach()
+    mean = batch_input.mean(dim=(0, 2, 3))
+    centred = batch_input - mean.view(1, -1, 1, 1)
+    count = batch_input.numel() // batch_input.shape[1]
+    var = centred.mul_(centred).sum(dim=(0, 2, 3)) / (count - 1)
     return mean, var
 
 
@@ -133,7 +139,7 @@ class _Accumulator:
 
     def _split(self, quotient: torch.Tensor) -> None:
         count = width_segments(quotient.shape[2], self.widths)
-        for producer, piece in enumerate(torch.split(quotient, self.widths[:count], dim=2)):
+        for producer, piece in enumerate(split_channels(quotient, self.widths[:count])):
             self.pieces[producer].append(piece)
 
     def add(self, relevance, act, pre, scale, shift, e) -> None:
@@ -149,10 +155,23 @@ class _Accumulator:
             return self.total[:, :, start:start + self.widths[producer]]
         pieces = self.pieces[producer]
         self.pieces[producer] = []  # its last consumer has used it
-        total = pieces[0]
-        for piece in pieces[1:]:
-            total = total + piece
+        if len(pieces) == 1:
+            return pieces[0]
+        total = pieces[0] + pieces[1]
+        for piece in pieces[2:]:
+            total += piece  # in place: an addition's backward keeps no inputs, and this saves an allocation each
         return total
+
+
+def split_channels(relevance: torch.Tensor, widths) -> Tuple[torch.Tensor, ...]:
+    """``torch.split`` over the channels (dim 2) of ``B x C x ch x H x W``, as views.
+
+    For channels-innermost relevance it splits a channels-last view, so that the gradient
+    autograd assembles from the pieces (a ``cat``) comes out channels-innermost too.
+    """
+    if relevance.stride(2) == 1 and relevance.shape[2] > 1:
+        return tuple(piece.movedim(-1, 2) for piece in torch.split(relevance.movedim(2, -1), widths, dim=-1))
+    return torch.split(relevance, widths, dim=2)
 
 
 def width_segments(width: int, widths) -> int:
@@ -198,8 +217,8 @@ def block_relevance(block: DenseBlockPlan, acts, first: torch.Tensor, e: float, 
                                  norm2_scale, norm2_shift, e)
         back = conv_transpose(layer.conv1, _flat(back), spatial)
         scale, shift = folds[m]
-        accumulator.add(_unflat(back, batch), layer_acts.relu1_out, features[:, :layer_plan.in_channels],
-                        scale, shift, e)
+        layer_input = layer_acts.norm1_in if layer_acts.norm1_in is not None else features[:, :layer_plan.in_channels]
+        accumulator.add(_unflat(back, batch), layer_acts.relu1_out, layer_input, scale, shift, e)
     return accumulator.take(0)
 
 
@@ -240,7 +259,7 @@ def stem_relevance(plan: DenseNetPlan, acts: Activations, quotient: torch.Tensor
     weights, coefficients = [weight], []
     if zb:
         # z^B: subtract what the pixel bounds would give through the weights' clipped parts
-        ones = x.new_ones(1, *x.shape[1:])
+        ones = torch.ones_like(x[:1])  # in x's memory format
         for bound, clip in ((ZB_LOW, torch.clamp_min), (ZB_HIGH, torch.clamp_max)):
             if bound != 0:
                 clipped_weight, clipped_shift = clip(weight, 0), clip(shift, 0)

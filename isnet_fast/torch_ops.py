@@ -3,6 +3,12 @@ obviously-correct versions the Triton kernels are tested against.
 
 Shapes: relevance ``B x C x ch x H x W`` (one per class); activations ``B x ch x H x W``;
 BatchNorm folds ``ch``. Every step multiplies the relevance by a class-independent gate.
+
+The arithmetic runs on views with the channels last (``... x H x W x ch``). For channels_last
+activations (what ``IsDenseFast`` uses on the CPU, where oneDNN's convolutions are fastest in
+that layout) these views are contiguous, so every result, and every gradient autograd
+computes for them, stays channels_last without a copy. Any other layout gives the same
+numbers.
 """
 
 from __future__ import annotations
@@ -19,25 +25,36 @@ def stabilize(z: torch.Tensor, e: float) -> torch.Tensor:
     return z + sign
 
 
-def _channels(v: torch.Tensor) -> torch.Tensor:
-    return v.view(1, -1, 1, 1)
+def channels_last_view(t: torch.Tensor) -> torch.Tensor:
+    """``... x ch x H x W`` -> ``... x H x W x ch`` (a view)."""
+    return t.movedim(-3, -1)
 
 
-def gate(act, pre, scale, shift, e):
-    """act * scale / stab(pre * scale + shift); without a fold, act / stab(pre)."""
+def channels_first_view(t: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``channels_last_view``."""
+    return t.movedim(-1, -3)
+
+
+def _gate(act, pre, scale, shift, e):
+    """On channels-last views: act * scale / stab(pre * scale + shift); without a fold, act / stab(pre)."""
     if scale is None:
         return act / stabilize(pre, e)
-    return act * _channels(scale) / stabilize(pre * _channels(scale) + _channels(shift), e)
+    return act * scale / stabilize(pre * scale + shift, e)
 
 
 def gated_product(rel, act, pre, scale, shift, e):
     """Epsilon step: rel (one per class) times the gate."""
-    return rel * gate(act, pre, scale, shift, e).unsqueeze(1)
+    product = channels_last_view(rel) * _gate(channels_last_view(act), channels_last_view(pre), scale, shift,
+                                              e).unsqueeze(1)
+    return channels_first_view(product)
 
 
 def gated_accumulate_(out, rel, act, pre, scale, shift, e):
     """out += gated_product(...), in place (no autograd)."""
-    return out.addcmul_(rel, gate(act, pre, scale, shift, e).unsqueeze(1))
+    channels_last_view(out).addcmul_(channels_last_view(rel),
+                                     _gate(channels_last_view(act), channels_last_view(pre), scale, shift,
+                                           e).unsqueeze(1))
+    return out
 
 
 def pool_spread(rel, act, pre, e):
@@ -45,27 +62,30 @@ def pool_spread(rel, act, pre, e):
 
     Rows and columns the pool dropped (odd sizes) get none.
     """
-    batch, classes, channels, h, w = rel.shape
-    height, width = act.shape[-2:]
+    rel, act, pre = channels_last_view(rel), channels_last_view(act), channels_last_view(pre)
+    batch, classes, h, w, channels = rel.shape
+    height, width = act.shape[-3:-1]
     factor = act / (4.0 * stabilize(pre, e))
-    core = factor[:, :, :2 * h, :2 * w].reshape(batch, 1, channels, h, 2, w, 2)
-    spread = (rel[:, :, :, :, None, :, None] * core).reshape(batch, classes, channels, 2 * h, 2 * w)
+    core = factor[:, :2 * h, :2 * w].reshape(batch, 1, h, 2, w, 2, channels)
+    spread = (rel[:, :, :, None, :, None] * core).reshape(batch, classes, 2 * h, 2 * w, channels)
     if (height, width) != (2 * h, 2 * w):
-        spread = torch.nn.functional.pad(spread, (0, width - 2 * w, 0, height - 2 * h))
-    return spread
+        spread = torch.nn.functional.pad(spread, (0, 0, 0, width - 2 * w, 0, height - 2 * h))
+    return channels_first_view(spread)
 
 
 def max_unpool_gated(rel, indices, act, z, e, kernel_size, stride, padding):
     """Un-pools rel with the original's overwrite rule, times act / stab(z)."""
     input_hw = tuple(act.shape[-2:])
     unpooled = max_unpool_overwrite(rel, indices, overwrite_winners(indices, input_hw), input_hw)
-    return unpooled * (act / stabilize(z, e)).unsqueeze(1)
+    gate = channels_last_view(act) / stabilize(channels_last_view(z), e)
+    return channels_first_view(channels_last_view(unpooled) * gate.unsqueeze(1))
 
 
 def input_rule(back, x, coefficients=()):
     """x * back[:, :, :CIN] - sum_k coefficients[k] * back[:, :, (k+1) CIN:(k+2) CIN]."""
     channels = x.shape[1]
-    heat = back[:, :, :channels] * x.unsqueeze(1)
+    back = channels_last_view(back)
+    heat = back[..., :channels] * channels_last_view(x).unsqueeze(1)
     for k, coefficient in enumerate(coefficients, start=1):
-        heat = heat - coefficient * back[:, :, k * channels:(k + 1) * channels]
-    return heat
+        heat = heat - coefficient * back[..., k * channels:(k + 1) * channels]
+    return channels_first_view(heat)

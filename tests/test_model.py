@@ -1,5 +1,6 @@
 """IsDenseFast's interface: drop-in arguments, checkpoints, and errors that say what to fix."""
 
+import copy
 import importlib
 import os
 import sys
@@ -75,9 +76,15 @@ def test_train_mode_moves_running_statistics_like_the_plain_forward():
     plain.load_state_dict(net.state_dict())
     x = torch.rand(3, 3, 32, 32)
     IsDenseFast(net).train()(x)
-    plain.train()(x)
-    for (key, ours), theirs in zip(net.state_dict().items(), plain.state_dict().values()):
+    # On the CPU IsDenseFast runs the network channels_last (oneDNN's fast layout); the plain
+    # forward on the same layout must give bit-identical statistics, any layout the same numbers.
+    plain_nchw = copy.deepcopy(plain)
+    plain.train()(x.contiguous(memory_format=torch.channels_last))
+    plain_nchw.train()(x)
+    for (key, ours), theirs, nchw in zip(net.state_dict().items(), plain.state_dict().values(),
+                                         plain_nchw.state_dict().values()):
         assert torch.equal(ours, theirs), key
+        torch.testing.assert_close(ours, nchw, rtol=1e-5, atol=1e-6, msg=key)
 
 
 # ---- checkpoints -----------------------------------------------------------------------------

@@ -114,7 +114,10 @@ def run_both(zb, train, e):
     for backend in ("triton", "torch"):
         device = DEVICE if backend == "triton" else torch.device("cpu")
         model = IsDenseFast(copy.deepcopy(net), e=e, Zb=zb, backend=backend).to(device).train(train)
-        xx = x.to(device).requires_grad_()
+        # The torch backend runs the network channels_last on the CPU: give the kernels the same
+        # layout, so that both sum the convolutions in one order (and the kernels see strided
+        # activations).
+        xx = x.to(device).contiguous(memory_format=torch.channels_last).requires_grad_()
         y, R = model(xx)
         cot_y = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2)).to(device)
         cot_R = torch.randn(R.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3)).to(device)
@@ -123,7 +126,7 @@ def run_both(zb, train, e):
         out.update({f"grad {k}": p.grad for k, p in model.DenseNet.named_parameters()})
         out.update({k: v.clone() for k, v in model.DenseNet.state_dict().items() if "running" in k})
         with torch.no_grad():
-            y, R = model(x.to(device))
+            y, R = model(x.to(device).contiguous(memory_format=torch.channels_last))
         out.update({"y no_grad": y, "R no_grad": R})
         results[backend] = {k: v.detach().cpu() for k, v in out.items()}
     return results
