@@ -46,10 +46,14 @@ def _heatmaps_and_grads(net, x, pairing, zb, fn):
     return R, grads
 
 
+LAYOUTS = {"nchw": torch.contiguous_format, "channels-last": torch.channels_last}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("zb", [True, False], ids=["zb", "epsilon"])
 @pytest.mark.parametrize("pairing", [True, False], ids=["reference-pairing", "lrp-pairing"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_fused_matches_per_consumer(case, pairing, zb):
+def test_fused_matches_per_consumer(case, pairing, zb, layout):
     kwargs, (height, width), batch, mode = CASES[case]
     generator = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
@@ -57,6 +61,7 @@ def test_fused_matches_per_consumer(case, pairing, zb):
     _randomize_batchnorms(net, generator)
     net.train(mode == "train")
     x = torch.rand(batch, 3, height, width, generator=generator, dtype=torch.float64)
+    x = x.contiguous(memory_format=LAYOUTS[layout])  # the fused pass on the CPU runs channels_last
     state = {k: v.clone() for k, v in net.state_dict().items()}
     fused, fused_grads = _heatmaps_and_grads(net, x, pairing, zb, relevance)
     net.load_state_dict(state)  # same BatchNorm statistics for the second run
@@ -79,10 +84,11 @@ def test_pairings_differ_only_in_deep_blocks():
             assert torch.equal(heatmaps[0], heatmaps[1]) == same
 
 
-def test_no_grad_accumulation_equals_autograd_path():
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_no_grad_accumulation_equals_autograd_path(layout):
     torch.manual_seed(1)
     net = DenseNet(growth_rate=3, block_config=(4, 3), num_init_features=6, bn_size=2, num_classes=3).double().eval()
-    x = torch.rand(2, 3, 40, 36, dtype=torch.float64)
+    x = torch.rand(2, 3, 40, 36, dtype=torch.float64).contiguous(memory_format=LAYOUTS[layout])
     plan = build_plan(net)
     with torch.no_grad():
         in_place = relevance(plan, run_forward(plan, x), 0.01, True)

@@ -3,6 +3,7 @@
 import types
 import weakref
 
+import pytest
 import torch
 
 from isnet_fast import DenseNet, torch_ops
@@ -42,11 +43,12 @@ class LiveRelevanceTracker:
         self.peak_bytes = max(self.peak_bytes, sum(storages.values()))
 
 
-def test_no_grad_pass_holds_about_one_block_of_relevance():
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels-last"])
+def test_no_grad_pass_holds_about_one_block_of_relevance(layout):
     torch.manual_seed(0)
     # One deep block: keeping every layer's relevance would take ~4x the block's width.
     net = DenseNet(growth_rate=4, block_config=(12,), num_init_features=8, bn_size=2, num_classes=3).eval()
-    x = torch.rand(2, 3, 32, 32)
+    x = torch.rand(2, 3, 32, 32).contiguous(memory_format=layout)
     plan = build_plan(net)
     tracker = LiveRelevanceTracker()
     with torch.no_grad():
