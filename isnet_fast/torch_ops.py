@@ -14,6 +14,7 @@ numbers.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .functions import max_unpool_overwrite, overwrite_winners
 
@@ -62,15 +63,16 @@ def pool_spread(rel, act, pre, e):
 
     Rows and columns the pool dropped (odd sizes) get none.
     """
-    rel, act, pre = channels_last_view(rel), channels_last_view(act), channels_last_view(pre)
-    batch, classes, h, w, channels = rel.shape
-    height, width = act.shape[-3:-1]
+    batch, classes, channels, h, w = rel.shape
+    height, width = act.shape[-2:]
     factor = act / (4.0 * stabilize(pre, e))
-    core = factor[:, :2 * h, :2 * w].reshape(batch, 1, h, 2, w, 2, channels)
-    spread = (rel[:, :, :, None, :, None] * core).reshape(batch, classes, 2 * h, 2 * w, channels)
-    if (height, width) != (2 * h, 2 * w):
-        spread = torch.nn.functional.pad(spread, (0, 0, 0, width - 2 * w, 0, height - 2 * h))
-    return channels_first_view(spread)
+    # Nearest 2x upsampling spreads each value over its window; its backward (a window sum) is
+    # much faster than that of a broadcast over split dimensions.
+    spread = F.interpolate(rel.reshape(batch * classes, channels, h, w), scale_factor=2, mode="nearest")
+    if (height, width) != (2 * h, 2 * w):  # padded on a channels-last view, which keeps that layout
+        spread = channels_first_view(F.pad(channels_last_view(spread), (0, 0, 0, width - 2 * w, 0, height - 2 * h)))
+    spread = spread.reshape(batch, classes, channels, height, width)
+    return channels_first_view(channels_last_view(spread) * channels_last_view(factor).unsqueeze(1))
 
 
 def max_unpool_gated(rel, indices, act, z, e, kernel_size, stride, padding):
