@@ -28,6 +28,10 @@ class IsDenseFast(nn.Module):
     more layers (see ``isnet_fast.structure.consumer_pairs``); set it to False for the pairing
     the LRP rules describe. ``backend`` picks the kernels: "auto" (Triton on CUDA tensors, torch
     ops on the CPU), "triton" or "torch".
+
+    With the torch ops on the CPU the network and the relevance pass run channels_last, where
+    oneDNN's convolutions are fastest; the heatmaps come back contiguous, and the numbers are
+    those of the usual layout up to float rounding in the convolutions' sums.
     """
 
     def __init__(self, DenseNet: nn.Module, e: float = 1e-2, heat: bool = True, Zb: bool = True,

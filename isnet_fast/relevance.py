@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from . import torch_ops
 from .forward import Activations
 from .structure import DenseBlockPlan, DenseNetPlan
-from .torch_ops import stabilize
+from .torch_ops import merge_batch_and_classes, stabilize
 
 ZB_LOW, ZB_HIGH = 0.0, 1.0  # the z^B rule's pixel bounds, as in the original
 
@@ -75,11 +75,18 @@ def conv_transpose(conv: nn.Conv2d, relevance: torch.Tensor, input_hw, weight: t
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
     """B x C x ch x H x W -> (B*C) x ch x H x W, the layout convolutions take."""
-    return t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])
+    return merge_batch_and_classes(t)
 
 
 def _unflat(t: torch.Tensor, batch: int) -> torch.Tensor:
-    return t.view(batch, t.shape[0] // batch, *t.shape[1:])
+    """(B*C) x ... -> B x C x ...; for a size-one B or C by unsqueezing, whose backward (a
+    squeeze) keeps the gradient's batch stride canonical (see merge_batch_and_classes)."""
+    classes = t.shape[0] // batch
+    if classes == 1:
+        return t.unsqueeze(1)
+    if batch == 1:
+        return t.unsqueeze(0)
+    return t.view(batch, classes, *t.shape[1:])
 
 
 def consumer_folds(block: DenseBlockPlan, block_input: torch.Tensor,

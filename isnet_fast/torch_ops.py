@@ -36,6 +36,20 @@ def channels_first_view(t: torch.Tensor) -> torch.Tensor:
     return t.movedim(-1, -3)
 
 
+def merge_batch_and_classes(t: torch.Tensor) -> torch.Tensor:
+    """``B x C x ...`` -> ``(B C) x ...``, a view that keeps the batch stride canonical.
+
+    Merging a size-one dimension by ``reshape`` gives the merged dimension a small stride, and
+    torch then reads a channels_last tensor as NCHW (its convolutions and interpolations return
+    NCHW); squeezing keeps the stride that is there.
+    """
+    if t.shape[1] == 1:
+        return t.squeeze(1)
+    if t.shape[0] == 1:
+        return t.squeeze(0)
+    return t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])
+
+
 def _gate(act, pre, scale, shift, e):
     """On channels-last views: act * scale / stab(pre * scale + shift); without a fold, act / stab(pre)."""
     if scale is None:
@@ -68,7 +82,7 @@ def pool_spread(rel, act, pre, e):
     factor = act / (4.0 * stabilize(pre, e))
     # Nearest 2x upsampling spreads each value over its window; its backward (a window sum) is
     # much faster than that of a broadcast over split dimensions.
-    spread = F.interpolate(rel.reshape(batch * classes, channels, h, w), scale_factor=2, mode="nearest")
+    spread = F.interpolate(merge_batch_and_classes(rel), scale_factor=2, mode="nearest")
     if (height, width) != (2 * h, 2 * w):  # padded on a channels-last view, which keeps that layout
         spread = channels_first_view(F.pad(channels_last_view(spread), (0, 0, 0, width - 2 * w, 0, height - 2 * h)))
     spread = spread.reshape(batch, classes, channels, height, width)

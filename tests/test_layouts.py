@@ -118,3 +118,37 @@ def test_cpu_model_runs_channels_last_and_returns_contiguous_heatmaps():
     assert R.is_contiguous()
     assert x.grad.shape == x.shape and torch.isfinite(x.grad).all()
     assert net.features.conv0.weight.grad.is_contiguous()  # parameters keep their own layout
+
+
+class LayoutWatcher:
+    """torch ops that record the layout of every relevance tensor they are given."""
+
+    def __init__(self):
+        self.layouts = []
+
+    def __getattr__(self, name):
+        op = getattr(torch_ops, name)
+
+        def watched(rel, *args, **kwargs):
+            if rel.shape[2] > 1 and rel.stride(-1) != 0:  # skip the expanded classifier factor
+                self.layouts.append((name, tuple(rel.shape), channels_innermost(rel)))
+            return op(rel, *args, **kwargs)
+        return watched
+
+
+@pytest.mark.parametrize("batch, classes", [(1, 1), (2, 1), (1, 2), (2, 3)], ids=["b1-c1", "b2-c1", "b1-c2", "b2-c3"])
+def test_relevance_stays_channels_last_for_any_batch_and_class_count(batch, classes):
+    # Size-one batch or class dimensions once made torch read channels_last tensors as NCHW
+    # (a merged size-one dimension gets a small stride), and the pass fell back to NCHW.
+    from isnet_fast.forward import run_forward
+    from isnet_fast.relevance import relevance
+    from isnet_fast.structure import build_plan
+    torch.manual_seed(0)
+    net = DenseNet(growth_rate=4, block_config=(2, 3), num_init_features=8, bn_size=2, num_classes=classes).train()
+    plan = build_plan(net)
+    watcher = LayoutWatcher()
+    x = torch.rand(batch, 3, 40, 40).contiguous(memory_format=torch.channels_last)
+    heatmaps = relevance(plan, run_forward(plan, x), 0.01, True, watcher)
+    assert heatmaps.shape == (batch, classes, 3, 40, 40)
+    assert len(watcher.layouts) > 10
+    assert [entry for entry in watcher.layouts if not entry[2]] == []
