@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from . import torch_ops
 from .forward import Activations
 from .structure import DenseBlockPlan, DenseNetPlan
-from .torch_ops import merge_batch_and_classes, stabilize
+from .torch_ops import merge_batch_and_classes, split_batch_and_classes, stabilize
 
 ZB_LOW, ZB_HIGH = 0.0, 1.0  # the z^B rule's pixel bounds, as in the original
 
@@ -71,22 +71,6 @@ def conv_transpose(conv: nn.Conv2d, relevance: torch.Tensor, input_hw, weight: t
         output_padding.append(input_hw[dim] - natural)
     return F.conv_transpose2d(relevance, weight, stride=conv.stride, padding=conv.padding,
                               output_padding=tuple(output_padding), dilation=conv.dilation, groups=conv.groups)
-
-
-def _flat(t: torch.Tensor) -> torch.Tensor:
-    """B x C x ch x H x W -> (B*C) x ch x H x W, the layout convolutions take."""
-    return merge_batch_and_classes(t)
-
-
-def _unflat(t: torch.Tensor, batch: int) -> torch.Tensor:
-    """(B*C) x ... -> B x C x ...; for a size-one B or C by unsqueezing, whose backward (a
-    squeeze) keeps the gradient's batch stride canonical (see merge_batch_and_classes)."""
-    classes = t.shape[0] // batch
-    if classes == 1:
-        return t.unsqueeze(1)
-    if batch == 1:
-        return t.unsqueeze(0)
-    return t.view(batch, classes, *t.shape[1:])
 
 
 def consumer_folds(block: DenseBlockPlan, block_input: torch.Tensor,
@@ -218,14 +202,14 @@ def block_relevance(block: DenseBlockPlan, acts, first: torch.Tensor, e: float, 
     for layer_plan, layer_acts in zip(reversed(block.layers), reversed(acts.layers)):
         layer = layer_plan.module
         m = int(layer_plan.name[len("denselayer"):])
-        back = conv_transpose(layer.conv2, _flat(accumulator.take(m)), spatial)
+        back = conv_transpose(layer.conv2, merge_batch_and_classes(accumulator.take(m)), spatial)
         norm2_scale, norm2_shift = batchnorm_fold(layer.norm2, layer_acts.conv1_out)
-        back = ops.gated_product(_unflat(back, batch), layer_acts.relu2_out, layer_acts.conv1_out,
+        back = ops.gated_product(split_batch_and_classes(back, batch), layer_acts.relu2_out, layer_acts.conv1_out,
                                  norm2_scale, norm2_shift, e)
-        back = conv_transpose(layer.conv1, _flat(back), spatial)
+        back = conv_transpose(layer.conv1, merge_batch_and_classes(back), spatial)
         scale, shift = folds[m]
         layer_input = layer_acts.norm1_in if layer_acts.norm1_in is not None else features[:, :layer_plan.in_channels]
-        accumulator.add(_unflat(back, batch), layer_acts.relu1_out, layer_input, scale, shift, e)
+        accumulator.add(split_batch_and_classes(back, batch), layer_acts.relu1_out, layer_input, scale, shift, e)
     return accumulator.take(0)
 
 
@@ -233,8 +217,8 @@ def transition_relevance(block: DenseBlockPlan, acts, next_quotient: torch.Tenso
     """From the next block's input quotient back to the class-expanded factor at this block's
     post ReLU: average-pool spreading, then the transition conv's epsilon step."""
     spread = ops.pool_spread(next_quotient, acts.transition_relu2_out, acts.transition_conv_out, e)
-    back = conv_transpose(block.transition.conv, _flat(spread), acts.output.shape[-2:])
-    return _unflat(back, spread.shape[0])
+    back = conv_transpose(block.transition.conv, merge_batch_and_classes(spread), acts.output.shape[-2:])
+    return split_batch_and_classes(back, spread.shape[0])
 
 
 def classifier_relevance(plan: DenseNetPlan, acts: Activations, e: float) -> torch.Tensor:
@@ -276,8 +260,8 @@ def stem_relevance(plan: DenseNetPlan, acts: Activations, quotient: torch.Tensor
                 coefficients.append(bound)
     kernel, stride, padding = (_square(v) for v in (pool.kernel_size, pool.stride, pool.padding))
     unpooled = ops.max_unpool_gated(quotient, acts.pool0_indices, acts.relu0_out, z, e, kernel, stride, padding)
-    back = conv_transpose(conv0, _flat(unpooled), x.shape[-2:], torch.cat(weights, dim=1))
-    return ops.input_rule(_unflat(back, x.shape[0]), x, coefficients)
+    back = conv_transpose(conv0, merge_batch_and_classes(unpooled), x.shape[-2:], torch.cat(weights, dim=1))
+    return ops.input_rule(split_batch_and_classes(back, x.shape[0]), x, coefficients)
 
 
 def _square(value) -> int:

@@ -50,6 +50,17 @@ def merge_batch_and_classes(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])
 
 
+def split_batch_and_classes(t: torch.Tensor, batch: int) -> torch.Tensor:
+    """``(B C) x ...`` -> ``B x C x ...``, the inverse of ``merge_batch_and_classes``; for a
+    size-one B or C by unsqueezing, whose backward (a squeeze) keeps gradients' strides."""
+    classes = t.shape[0] // batch
+    if classes == 1:
+        return t.unsqueeze(1)
+    if batch == 1:
+        return t.unsqueeze(0)
+    return t.view(batch, classes, *t.shape[1:])
+
+
 def _gate(act, pre, scale, shift, e):
     """On channels-last views: act * scale / stab(pre * scale + shift); without a fold, act / stab(pre)."""
     if scale is None:
@@ -85,7 +96,7 @@ def pool_spread(rel, act, pre, e):
     spread = F.interpolate(merge_batch_and_classes(rel), scale_factor=2, mode="nearest")
     if (height, width) != (2 * h, 2 * w):  # padded on a channels-last view, which keeps that layout
         spread = channels_first_view(F.pad(channels_last_view(spread), (0, 0, 0, width - 2 * w, 0, height - 2 * h)))
-    spread = spread.reshape(batch, classes, channels, height, width)
+    spread = split_batch_and_classes(spread, batch)
     return channels_first_view(channels_last_view(spread) * channels_last_view(factor).unsqueeze(1))
 
 
