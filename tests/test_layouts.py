@@ -115,8 +115,8 @@ def test_cpu_model_runs_channels_last_and_returns_contiguous_heatmaps():
     x = torch.rand(2, 3, 33, 30, dtype=torch.float64, requires_grad=True)
     y, R = model(x)
     R.square().sum().backward()
-    assert R.is_contiguous()
-    assert x.grad.shape == x.shape and torch.isfinite(x.grad).all()
+    assert R.is_contiguous() and y.is_contiguous()
+    assert x.grad.shape == x.shape and x.grad.is_contiguous() and torch.isfinite(x.grad).all()
     assert net.features.conv0.weight.grad.is_contiguous()  # parameters keep their own layout
 
 
