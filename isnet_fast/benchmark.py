@@ -378,16 +378,22 @@ def _explain_step(model, batch, classes):
     return step
 
 
-def _train_step(model, batch, classes):
+def _sgd_step(model, batch, logits_and_heatmaps):
+    """One ISNet training step (train mode, loss on logits and heatmaps, backward, SGD); the
+    implementation and its floor differ only in ``logits_and_heatmaps``."""
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        logits, heatmaps = model(batch.images)
+        logits, heatmaps = logits_and_heatmaps()
         isnet_loss(logits, heatmaps, batch).backward()
         optimizer.step()
     return step
+
+
+def _train_step(model, batch, classes):
+    return _sgd_step(model, batch, lambda: model(batch.images))
 
 
 def _input_gradients(net, images, classes, create_graph):
@@ -412,15 +418,7 @@ def _explain_floor_step(net, batch, classes):
 
 
 def _train_floor_step(net, batch, classes):
-    net.train()
-    optimizer = torch.optim.SGD(net.parameters(), lr=LEARNING_RATE)
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        logits, heatmaps = _input_gradients(net, batch.images, classes, create_graph=True)
-        isnet_loss(logits, heatmaps, batch).backward()
-        optimizer.step()
-    return step
+    return _sgd_step(net, batch, lambda: _input_gradients(net, batch.images, classes, create_graph=True))
 
 
 # ----------------------------------------------------------------------------- measuring

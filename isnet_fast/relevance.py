@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from . import torch_ops
 from .forward import Activations
 from .structure import DenseBlockPlan, DenseNetPlan
-from .torch_ops import merge_batch_and_classes, split_batch_and_classes, stabilize
+from .torch_ops import (channels_first_view, channels_last_view, merge_batch_and_classes, split_batch_and_classes,
+                        stabilize)
 
 ZB_LOW, ZB_HIGH = 0.0, 1.0  # the z^B rule's pixel bounds, as in the original
 
@@ -161,7 +162,7 @@ def split_channels(relevance: torch.Tensor, widths) -> Tuple[torch.Tensor, ...]:
     autograd assembles from the pieces (a ``cat``) comes out channels-innermost too.
     """
     if relevance.stride(2) == 1 and relevance.shape[2] > 1:
-        return tuple(piece.movedim(-1, 2) for piece in torch.split(relevance.movedim(2, -1), widths, dim=-1))
+        return tuple(map(channels_first_view, torch.split(channels_last_view(relevance), widths, dim=-1)))
     return torch.split(relevance, widths, dim=2)
 
 
