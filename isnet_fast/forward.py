@@ -50,23 +50,54 @@ class Activations:
     y: torch.Tensor
 
 
-def check_input(x: torch.Tensor, plan: DenseNetPlan) -> None:
-    """Raises a ValueError that says what is wrong with the input and how to fix it."""
+def check_input(x: torch.Tensor, plan: DenseNetPlan, check_finite: bool = True) -> None:
+    """Raises a ValueError or TypeError that says what is wrong with the input and how to fix it.
+
+    With ``check_finite`` it also rejects images holding NaN or Inf (one device sync): in
+    training their batch statistics would turn every image's outputs, and the BatchNorms'
+    running statistics, into NaN.
+    """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"expected a torch.Tensor of images, got {type(x).__name__}")
     if x.dim() != 4:
         raise ValueError(f"expected a 4-D batch of images (B x 3 x H x W), got a tensor of shape {tuple(x.shape)}; "
                          "add a batch dimension with x.unsqueeze(0)")
+    if x.shape[0] == 0:
+        raise ValueError(f"the batch is empty (shape {tuple(x.shape)}): B must be at least 1")
     expected = plan.features.conv0.in_channels
     if x.shape[1] != expected:
         raise ValueError(f"expected {expected} input channels, got {x.shape[1]} (shape {tuple(x.shape)}); "
                          "images must be B x C x H x W with C first")
     if not torch.is_floating_point(x):
         raise TypeError(f"expected floating-point images, got {x.dtype}; convert with x.float() (scale to [0, 1])")
+    weight = plan.features.conv0.weight
+    if x.dtype != weight.dtype and not _autocast_to(x.dtype, x.device.type):
+        # The parameters' dtype: under torch.autocast an input of the model's dtype works, and so
+        # does one already of autocast's dtype (which autocast computes in).
+        raise TypeError(f"the images are {x.dtype} but the model's parameters are {weight.dtype}; "
+                        f"convert the images with x.to({weight.dtype}) or the model with model.to({x.dtype})")
+    if x.device != weight.device:
+        raise ValueError(f"the images are on {x.device} but the model is on {weight.device}; "
+                         f"move them with x.to('{weight.device}') or the model with model.to('{x.device}')")
     smallest = minimum_input_size(plan)
     if x.shape[-2] < smallest or x.shape[-1] < smallest:
         raise ValueError(f"images of {x.shape[-2]}x{x.shape[-1]} are too small for this DenseNet: every side "
                          f"must be at least {smallest} pixels so that each transition has a pixel left to pool")
+    if check_finite:
+        finite = torch.isfinite(x).flatten(1).all(1)
+        if not bool(finite.all()):  # the one sync; the rest only on the error path
+            bad = (~finite).nonzero().flatten()
+            raise ValueError(f"image {int(bad[0])} of the batch holds NaN or Inf pixels ({bad.numel()} of "
+                             f"{x.shape[0]} images do); clean the data, e.g. torch.nan_to_num(x), or drop them "
+                             "(IsDenseFast(..., check_finite=False) skips this check)")
+
+
+def _autocast_to(dtype: torch.dtype, device_type: str) -> bool:
+    """Whether torch.autocast is on for ``device_type`` and computes in ``dtype``."""
+    try:
+        return torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == dtype
+    except (RuntimeError, TypeError, ValueError):  # a device type autocast does not know
+        return False
 
 
 def minimum_input_size(plan: DenseNetPlan) -> int:

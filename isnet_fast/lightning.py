@@ -38,13 +38,18 @@ Differences from the original module (all deliberate):
 * ``P`` must lie in [0, 1] (a ValueError otherwise; the original did not check).
 * The original needed ``torch.backends.cudnn.deterministic = True``; this does not (it is still
   recommended for reproducible training, with ``Trainer(deterministic=True)``).
+
+The ISNet variants take the names of the authors' newer module (``ISNetLgt`` in
+``code/ISNetLightningZe.py``): ``selective``, ``highest``, ``randomLogit``, ``labelLogit``,
+``multiple``, ``alternativeForeground`` and ``norm`` (see :class:`IsDenseFastLightning` for how
+they map onto ``IsDenseFast``'s ``explain``/``selective``/``classes``), or ``explain=`` directly.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections import OrderedDict
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -62,7 +67,7 @@ from .densenet import DenseNet, convert_torchvision_state_dict
 from .loss import heatmap_loss
 from .model import IsDenseFast
 
-__all__ = ["IsDenseFastLightning", "IsDense121Lightning", "ARCHITECTURES"]
+__all__ = ["IsDenseFastLightning", "IsDense121Lightning", "ARCHITECTURES", "resolve_variant"]
 
 ARCHITECTURES = ("densenet121", "densenet161", "densenet169", "densenet201")
 OPTIMIZERS = ("SGD", "Adam")
@@ -110,6 +115,56 @@ def _build_densenet(architecture, classes: int, dropout: Optional[float], pretra
                     f"got {type(architecture).__name__}")
 
 
+def resolve_variant(selective: bool = False, highest: bool = False, randomLogit: bool = False,
+                    labelLogit: bool = False, multiple: Optional[bool] = None,
+                    explain: Optional[str] = None) -> Tuple[str, bool]:
+    """``(explain, selective)`` for ``IsDenseFast`` from the authors' flags (or ``explain`` itself).
+
+    The authors' rules (``code/ISNetLayersZe.py``, ``ISNetFunctionsZe.LRPOutput``): one of
+    ``multiple``, ``highest``, ``randomLogit`` and a label picks the maps; ``highest`` explains
+    argmax(y), or with ``selective`` the selective quantity of argmin(y) (the Selective ISNet);
+    ``randomLogit`` is the Stochastic ISNet's draw and excludes ``selective``; ``multiple=False``
+    with none of them explains all logits in one map. ``multiple=None`` (ours) means "as the
+    other flags imply": True unless ``highest``, ``randomLogit`` or ``labelLogit`` is set. With
+    ``labelLogit`` the steps explain the labels; the returned ``explain`` serves calls without
+    labels (``forward``, ``predict_step``). Raises a ValueError for combinations that the
+    authors' code refuses or that would be ambiguous.
+    """
+    for name, value in (("selective", selective), ("highest", highest), ("randomLogit", randomLogit),
+                        ("labelLogit", labelLogit)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {value!r}")
+    if multiple is not None and not isinstance(multiple, bool):
+        raise TypeError(f"multiple must be True, False or None, got {multiple!r}")
+    if explain is not None:
+        given = [name for name, value in (("highest", highest), ("randomLogit", randomLogit)) if value]
+        if multiple is not None:
+            given.append("multiple")
+        if given:
+            raise ValueError(f"explain={explain!r} already names the maps; leave out {', '.join(given)} (the "
+                             "authors' names for the same choice), or drop explain")
+        return explain, selective
+    picks = [name for name, value in (("highest", highest), ("randomLogit", randomLogit),
+                                      ("labelLogit", labelLogit), ("multiple", multiple is True)) if value]
+    if len(picks) > 1:
+        raise ValueError(f"{' and '.join(picks)} each choose which maps are made; set only one "
+                         "(the authors' code: 'Choose label, randomLogit, multiple or highest')")
+    if randomLogit:
+        if selective:
+            raise ValueError("randomLogit and selective cannot be combined under the authors' names ('Set "
+                             "randomLogit or selective, not both'); for a selective Stochastic ISNet pass "
+                             "explain='random', selective=True")
+        return "random", False
+    if highest:
+        return ("lowest" if selective else "top"), selective
+    if multiple is False and not labelLogit:
+        if selective:
+            raise ValueError("selective=True with multiple=False needs highest=True (the Selective ISNet) or "
+                             "labelLogit=True: the selective quantity is one class's, not the sum of the logits")
+        return "sum", False
+    return "all", selective
+
+
 def _cut_value(value):
     """A float stays a float; a per-class list or tensor becomes a float32 tensor."""
     if torch.is_tensor(value):
@@ -149,6 +204,47 @@ class IsDenseFastLightning(pl.LightningModule):
             in the hyperparameters: pass it again to ``load_from_checkpoint``).
         dropout: classifier dropout (``Sequential(Dropout, Linear)``), None for a bare Linear.
         reference_pairing, backend: passed to ``IsDenseFast``.
+    ISNet variants, the authors' newer names (``ISNetLgt``, ``code/ISNetLightningZe.py``), keyword only:
+        selective (False): explain the class-selective quantity instead of the logits.
+        highest (False): one map per image, for argmax(y); with ``selective`` for argmin(y).
+        randomLogit (False): one map per image, the Stochastic ISNet's draw (a fair coin per
+            batch: the top class, or one drawn among the others); not with ``selective``.
+        labelLogit (False): one map per image, for its label (``IsDenseFast(x, classes=labels)``);
+            single-label only (multiLabel raises). The authors warn it is for explanation rather
+            than ISNet training; it trains here all the same.
+        multiple (None): the authors' flag for one map per class (their default True, which they
+            require False with highest, randomLogit or a label); None infers it. ``multiple=False``
+            alone explains the sum of the logits in one map.
+        alternativeForeground ('L2'): the heatmap loss's foreground term, 'L2' (the original's),
+            'L1' or 'hybrid' (the Faster ISNet paper's; the authors' newer module defaults to it:
+            pass it explicitly for their setting).
+        norm (True): the heatmap normalisation, True/False or 'absRoIMean', 'RoIMean', 'none'.
+        explain (None): ``IsDenseFast``'s name for the maps, "all", "top", "lowest", "random" or
+            "sum"; instead of highest/randomLogit/multiple (not with them), with ``selective``.
+
+    How the names map onto ``IsDenseFast`` (``explain``, ``selective``; :func:`resolve_variant`):
+
+    ======================================================  ==================================
+    authors' flags                                          IsDenseFast
+    ======================================================  ==================================
+    (none: multiple=True) -- Original ISNet                 explain="all"
+    highest=True                                            explain="top"
+    selective=True, highest=True -- Selective ISNet         explain="lowest", selective=True
+    randomLogit=True -- Stochastic ISNet                    explain="random"
+    labelLogit=True (with selective: selective quantity)    forward(x, classes=labels)
+    multiple=False                                          explain="sum"
+    selective=True                                          explain="all", selective=True
+    ======================================================  ==================================
+
+    Invalid combinations raise a ValueError: two of highest, randomLogit, labelLogit and
+    multiple=True; randomLogit with selective (use ``explain='random', selective=True``);
+    selective with multiple=False alone; explain= with highest, randomLogit or multiple;
+    labelLogit with multiLabel; multiMask with a one-map variant whose class the logits do not
+    tell ("random", "sum"); and what IsDenseFast refuses (e.g. ``explain='sum', selective=True``,
+    an unknown explain). With labelLogit the labels are
+    explained in training, validation and test steps (the authors' module: training only), and
+    ``forward``/``predict_step`` without labels use the ``explain`` above. With ``multiMask`` and
+    one map per image, each image's mask for the explained class is used.
 
     The network is ``self.model`` (an ``IsDenseFast``; ``self.DenseNet`` is its DenseNet), so
     checkpoint keys are ``model.DenseNet.*`` and ``IsDenseFast.load_state_dict`` takes them.
@@ -162,11 +258,14 @@ class IsDenseFastLightning(pl.LightningModule):
                  LR: float = 1e-3, P: float = 0.7, E: float = 10, saveMaps: bool = False,
                  mapsLocation: str = "", optim: str = "SGD", Cweight: Optional[torch.Tensor] = None,
                  A: float = 1, B: float = 3, d: float = 0.9, Ea: float = 1, normRoI: bool = True,
-                 norm: bool = True, cut: Union[float, Sequence[float], torch.Tensor] = 1,
+                 norm: Union[bool, str] = True, cut: Union[float, Sequence[float], torch.Tensor] = 1,
                  cut2: Union[float, Sequence[float], torch.Tensor] = 25, alternativeCut: bool = False,
                  detachNorm: bool = False, var: bool = False, eps: float = 1e-10, momentum: float = 0.99,
                  *, architecture: Union[str, Mapping[str, Any], nn.Module] = "densenet121",
-                 dropout: Optional[float] = 0.5, reference_pairing: bool = True, backend: str = "auto"):
+                 dropout: Optional[float] = 0.5, reference_pairing: bool = True, backend: str = "auto",
+                 selective: bool = False, highest: bool = False, randomLogit: bool = False,
+                 labelLogit: bool = False, multiple: Optional[bool] = None, alternativeForeground: str = "L2",
+                 explain: Optional[str] = None):
         super().__init__()
         self.save_hyperparameters(ignore=["architecture"] if isinstance(architecture, nn.Module) else None)
         if optim not in OPTIMIZERS:
@@ -181,9 +280,19 @@ class IsDenseFastLightning(pl.LightningModule):
         if Cweight is not None and not multiLabel:
             warnings.warn("Cweight (BCE pos_weight) is only used with multiLabel=True, as in the original",
                           stacklevel=2)
+        explain, selective = resolve_variant(selective, highest, randomLogit, labelLogit, multiple, explain)
+        if labelLogit and multiLabel:
+            raise ValueError("labelLogit explains one class per image, its label; multi-label targets name several "
+                             "or none. Use labelLogit=False with multiLabel=True")
+        if multiMask and not labelLogit and explain in ("random", "sum"):
+            raise ValueError(f"multiMask gives a mask per class, but explain={explain!r} makes one map per image "
+                             "whose class is not known from the logits; use the Original ISNet (one map per class), "
+                             "highest=True (top or, with selective, lowest) or labelLogit=True")
 
         self.model = IsDenseFast(_build_densenet(architecture, classes, dropout, pretrained), e=e, heat=heat,
-                                 Zb=Zb, reference_pairing=reference_pairing, backend=backend)
+                                 Zb=Zb, explain=explain, selective=selective,
+                                 reference_pairing=reference_pairing, backend=backend)
+        self.labelLogit = labelLogit
         self.lr = LR  # an attribute, so Lightning's learning-rate finder can tune it
         self.P = P
         self.multiLabel = multiLabel
@@ -191,7 +300,8 @@ class IsDenseFastLightning(pl.LightningModule):
         self.optim = optim
         self.momentum = momentum
         self.loss_options = dict(norm=norm, A=A, B=B, d=d, E=Ea, normRoI=normRoI, var=var,
-                                 alternativeCut=alternativeCut, detachNorm=detachNorm, eps=eps)
+                                 alternativeCut=alternativeCut, detachNorm=detachNorm, eps=eps,
+                                 alternativeForeground=alternativeForeground)
         # Tensors live in non-persistent buffers: they follow the module's device, and state
         # dicts (checkpoints) hold only the network.
         for name, value in (("cut", _cut_value(cut)), ("cut2", _cut_value(cut2))):
@@ -219,9 +329,41 @@ class IsDenseFastLightning(pl.LightningModule):
     def heat(self, value: bool):
         self.model.heat = bool(value)
 
-    def forward(self, x: torch.Tensor):
-        """``(logits, heatmaps)``, or only the logits when ``heat`` is False."""
-        return self.model(x)
+    @property
+    def explain(self) -> str:
+        """The IsDenseFast's ``explain``: which maps ``forward`` makes without labels."""
+        return self.model.explain
+
+    @property
+    def selective(self) -> bool:
+        """Whether the maps explain the class-selective quantity."""
+        return self.model.selective
+
+    def forward(self, x: torch.Tensor, classes: Optional[torch.Tensor] = None):
+        """``(logits, heatmaps)``, or only the logits when ``heat`` is False; ``classes`` (one
+        index per image) explains those classes, one map per image."""
+        return self.model(x, classes=classes)
+
+    def label_classes(self, labels: torch.Tensor) -> torch.Tensor:
+        """Class indices (``B``) from single-label labels: ``B`` or ``B x 1`` indices, or ``B x classes``
+        probabilities (one-hot; the most probable class)."""
+        if self.multiLabel:
+            raise ValueError("labelLogit needs single-label classes; multiLabel=True has none per image")
+        if labels.dim() == 2 and labels.shape[1] == 1:  # the original's B x 1 layout
+            labels = labels.squeeze(1)
+        elif labels.dim() == 2:
+            labels = labels.argmax(1)
+        return labels.long()
+
+    def _explained_masks(self, masks, logits, classes):
+        """With multiMask and one map per image: each image's mask for the class its map explains."""
+        if classes is None:
+            if self.model.explain not in ("top", "lowest"):
+                raise ValueError(f"multiMask with explain={self.model.explain!r}: the class of each image's one map "
+                                 "is not known; use explain 'all', 'top' or 'lowest', or labelLogit")
+            classes = self.model.explained_classes(logits.detach())
+        index = torch.arange(masks.shape[0], device=masks.device)
+        return masks[index, classes.to(masks.device)].unsqueeze(1)
 
     # -- losses --------------------------------------------------------------------------------
     def classifier_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -249,11 +391,19 @@ class IsDenseFastLightning(pl.LightningModule):
             return batch[0], None, batch[1]
         return batch[0], batch[1], batch[2]
 
+    def _heatmaps(self, images, labels):
+        """``(logits, heatmaps, classes)``: the maps this module's variant makes for a labelled batch."""
+        classes = self.label_classes(labels) if self.labelLogit else None
+        logits, heatmaps = self(images, classes)
+        return logits, heatmaps, classes
+
     def _losses(self, batch):
         """``(loss, classifier loss, heatmap loss or None, batch size)``."""
         images, masks, labels = self._unpack(batch)
         if self.heat:
-            logits, heatmaps = self(images)
+            logits, heatmaps, classes = self._heatmaps(images, labels)
+            if self.multiMask and heatmaps.shape[1] == 1 and masks.dim() == 5 and masks.shape[1] != 1:
+                masks = self._explained_masks(masks, logits, classes)
             classifier, heatmap = self.compound_loss(logits, labels, heatmaps, masks)
             return (1 - self.P) * classifier + self.P * heatmap, classifier, heatmap, images.shape[0]
         classifier = self.compound_loss(self(images), labels)
@@ -291,7 +441,7 @@ class IsDenseFastLightning(pl.LightningModule):
     def test_step(self, batch, batch_idx):
         images, _, labels = self._unpack(batch)
         if self.heat:
-            logits, heatmaps = self(images)
+            logits, heatmaps, _ = self._heatmaps(images, labels)
             self._test_outputs.append((logits.detach().cpu(), labels.detach().cpu(),
                                        images.detach().cpu().float(), heatmaps.detach().cpu().float()))
         else:

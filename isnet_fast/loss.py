@@ -1,12 +1,16 @@
 """ISNet heatmap (background-relevance) loss.
 
 A vectorised re-implementation of ISNet's ``LRPLossCEValleysGWRP``: same
-arguments, same defaults and the same numbers, without host syncs or prints.
+arguments, same defaults and the same numbers, without prints and with at most
+one host sync (the binary-mask check). It also takes the options of the
+authors' newer loss (``code/ISNetFunctionsZe.py``): ``alternativeForeground``,
+string ``norm`` values and masks of another size than the heatmap.
 """
 
 import math
 
 import torch
+import torch.nn.functional as F
 
 __all__ = ["heatmap_loss"]
 
@@ -47,7 +51,68 @@ def _as_class_values(value, name, n_classes, like):
     return value.detach().to(device=like.device, dtype=torch.float32)
 
 
+_FOREGROUNDS = ("L2", "L1", "hybrid")
+_NORMS = ("absRoIMean", "RoIMean", "none")
+
+
+def _foreground_mode(value):
+    """``alternativeForeground`` -> 'L2', 'L1' or 'hybrid' (bools as the newer reference)."""
+    if isinstance(value, bool):
+        return "L1" if value else "L2"
+    if isinstance(value, str) and value in _FOREGROUNDS:
+        return value
+    raise ValueError(
+        "alternativeForeground must be 'L2', 'L1' or 'hybrid' (or a bool: True = 'L1', "
+        f"False = 'L2'); got {value!r}"
+    )
+
+
+def _norm_mode(norm, var, normRoI):
+    """``norm`` (+ the original's ``var`` / ``normRoI``) -> one normalisation name."""
+    if isinstance(norm, str):
+        if norm not in _NORMS:
+            raise ValueError(f"norm must be a bool or one of 'absRoIMean', 'RoIMean', 'none'; got {norm!r}")
+        if norm != "none" and (var or not normRoI):
+            raise ValueError(
+                f"var and normRoI only choose the normalisation for norm=True; norm={norm!r} names "
+                "its own, so leave var=False and normRoI=True (or pass norm=True)"
+            )
+        return norm
+    if not norm:
+        return "none"
+    if var:
+        return "var"
+    return "absRoIMean" if normRoI else "mean"
+
+
+def _prepare_mask(mask, heatmap):
+    """Float32 binary mask at the heatmap's H x W (resized as the newer reference)."""
+    hh, ww = heatmap.shape[-2:]
+    if mask.shape[-2:] != (hh, ww):
+        # Adaptive average pooling to H x W, then any foreground in a cell makes it foreground.
+        lead, (mh, mw) = mask.shape[:-2], mask.shape[-2:]
+        pooled = F.adaptive_avg_pool2d(mask.float().reshape(-1, mh, mw), (hh, ww))
+        return (pooled != 0).float().reshape(*lead, hh, ww)
+    if mask.dtype == torch.bool:
+        return mask.float()
+    mask = mask.float()
+    if not ((mask == 0) | (mask == 1)).all():  # the one host sync
+        bad = mask[(mask != 0) & (mask != 1)][0].item()
+        raise ValueError(
+            f"mask must hold only 0 (background) and 1 (foreground); found {bad:g}.\n"
+            "For a 0/255 mask divide it by 255, for a soft mask threshold it (e.g. (mask > 0.5).float())."
+        )
+    return mask
+
+
 def _check_args(heatmap, mask, reduction, multiMask, alternativeCut, cut):
+    for name, value in (("heatmap", heatmap), ("mask", mask)):
+        if not torch.is_tensor(value):
+            kind = f"{type(value).__module__}.{type(value).__name__}"
+            raise TypeError(
+                f"{name} must be a torch tensor, got {kind}; convert a numpy array with "
+                f"torch.from_numpy({name}) (and move it to the heatmap's device)"
+            )
     if reduction not in ("none", "mean", "sum"):
         raise ValueError(f"reduction must be 'none', 'mean' or 'sum'; got {reduction!r}")
     if heatmap.dim() != 5:
@@ -59,14 +124,16 @@ def _check_args(heatmap, mask, reduction, multiMask, alternativeCut, cut):
     expected = (b, c, ch, h, w) if multiMask else (b, ch, h, w)
     layout = "batch x classes x channels x H x W" if multiMask else "batch x channels x H x W"
     # The mask may have a single channel, broadcast over the heatmap's channels
-    # (the reference accepts this too).
+    # (the reference accepts this too), and another H x W (it is then resized).
     ok = mask.dim() == len(expected) and all(
-        m == e or (i == len(expected) - 3 and m == 1) for i, (m, e) in enumerate(zip(mask.shape, expected))
+        m == e or (i == len(expected) - 3 and m == 1) or (i >= len(expected) - 2 and m > 0)
+        for i, (m, e) in enumerate(zip(mask.shape, expected))
     )
     if not ok:
         raise ValueError(
-            f"mask must have shape {expected} ({layout}{', multiMask=True' if multiMask else ''}) "
-            f"for a heatmap of shape {tuple(heatmap.shape)}; got {tuple(mask.shape)}"
+            f"mask must have shape {expected} ({layout}{', multiMask=True' if multiMask else ''}; "
+            f"channels may be 1, H x W may differ) for a heatmap of shape {tuple(heatmap.shape)}; "
+            f"got {tuple(mask.shape)}"
         )
     if alternativeCut and torch.is_tensor(cut):
         raise ValueError("alternativeCut=True needs a float cut, not a per-class tensor")
@@ -74,7 +141,7 @@ def _check_args(heatmap, mask, reduction, multiMask, alternativeCut, cut):
 
 def heatmap_loss(heatmap, mask, cut=1, cut2=25, reduction='mean', norm=True, A=1, B=3, E=1, d=0.9,
                  normRoI=True, var=False, alternativeCut=False, detachNorm=False, multiMask=False,
-                 eps=1e-10):
+                 eps=1e-10, alternativeForeground='L2'):
     """ISNet heatmap loss (drop-in for ``LRPLossCEValleysGWRP``).
 
     Penalises relevance outside the foreground mask and keeps the total
@@ -82,35 +149,84 @@ def heatmap_loss(heatmap, mask, cut=1, cut2=25, reduction='mean', norm=True, A=1
 
     Args:
         heatmap: ``B x C x ch x H x W`` relevance, one map per class.
-        mask: ``B x ch x H x W`` foreground mask (1 = foreground) shared by the
-            classes, or ``B x C x ch x H x W`` when ``multiMask``. ``ch`` may be 1.
+        mask: ``B x ch x h x w`` foreground mask (1 = foreground, 0 = background)
+            shared by the classes, or ``B x C x ch x h x w`` when ``multiMask``.
+            ``ch`` may be 1. A torch tensor (a numpy array raises TypeError: pass
+            ``torch.from_numpy(mask)``) of any real dtype or bool, holding only 0
+            and 1 (anything else raises ValueError). If ``h x w`` differs from the
+            heatmap's ``H x W`` the mask is resized as in the newer reference:
+            adaptive average pooling to ``H x W``, then every nonzero cell becomes
+            1 (any foreground in a cell keeps it foreground; a resized mask is not
+            checked for 0/1 values, it is binarised).
         cut, cut2: lower (C1) and upper (C2) bounds on the foreground relevance
             sum; floats or 1-D per-class tensors of length C.
         reduction: ``'mean'``, ``'sum'`` or ``'none'`` (one loss per image).
-        norm: normalise the heatmap before the background term: by its standard
-            deviation if ``var``, by its mean inside the mask if ``normRoI``,
-            else by its mean. If False, the heatmap is scaled by ``ch*H*W``.
+        norm: normalisation of the heatmap before the background term.
+
+            * ``True`` (the original's): by its standard deviation if ``var``, by
+              its mean inside the mask if ``normRoI``, else by its mean; of the
+              absolute relevance.
+            * ``'absRoIMean'`` (newer reference): absolute value, then divide by
+              its mean inside the mask; the same as ``True`` with the default
+              ``var=False, normRoI=True``.
+            * ``'RoIMean'`` (newer reference): divide the *signed* heatmap by its
+              signed mean inside the mask, then take the absolute value.
+            * ``False`` or ``'none'``: no normalisation; the absolute heatmap is
+              scaled by ``ch*H*W``.
+
+            ``var`` and ``normRoI`` only apply to ``norm=True``; a string norm
+            other than ``'none'`` with ``var=True`` or ``normRoI=False`` raises
+            ValueError. An unknown string raises ValueError.
         A, B: weights (W1, W2) of the background and foreground terms.
         E: background activation constant, ``g / (g + E)``.
         d: GWRP decay; the background is pooled as ``sum d**i x_(i) / sum d**i``
             over its pixels in descending order.
+        normRoI, var: see ``norm``.
         alternativeCut: apply ``cut`` to the sum over classes instead of per class.
-        detachNorm: stop the gradient through the normalisation denominator.
+        detachNorm: stop the gradient through the normalisation denominator
+            (for every ``norm`` but ``'none'``).
+        multiMask: one mask per class (``B x C x ch x h x w``).
         eps: numerical stabiliser.
+        alternativeForeground: upper side of the foreground term, per class, with
+            ``F`` the class's absolute foreground relevance sum (newer reference):
+
+            * ``'L2'`` (default, the original's): ``(max(F, cut2) - cut2)**2 / cut**2``.
+            * ``'L1'``: ``|max(F, cut2) - cut2|``, not divided by ``cut``.
+            * ``'hybrid'`` (the Faster ISNet paper): ``|F - (cut + cut2)| + 1``
+              (not divided by ``cut``) where ``F > cut + cut2`` (compared without
+              gradient), else the ``'L2'`` term; the two meet at 1.
+
+            ``True`` means ``'L1'`` and ``False`` ``'L2'`` (the newer reference's
+            backward compatibility). The lower side ``(min(F, cut) - cut)**2 / cut**2``
+            is the same for all three; both sides are averaged over the classes.
 
     The loss is computed in float32 with autocast disabled, whatever the input
     dtype. NaN relevance is replaced by the batch's mean finite relevance inside
-    the mask and +-inf by its largest finite value (no gradient flows there).
+    the mask and +-inf by its largest finite value (no gradient flows there); with
+    ``norm='RoIMean'`` the replacements are signed, as in the newer reference (NaN
+    by the signed mean inside the mask, +inf by the largest and -inf by the
+    smallest finite value).
 
-    As in the reference, a per-class tensor ``cut`` divides the per-image
-    foreground loss by ``cut**2`` through plain broadcasting (image ``i`` by
-    class ``i``'s value), which needs batch size == C or either equal to 1.
+    The binary-mask check costs one host sync; bool masks and resized masks
+    skip it.
+
+    As in the original, a per-class tensor ``cut`` with ``alternativeForeground='L2'``
+    divides the per-image foreground loss by ``cut**2`` through plain broadcasting
+    (image ``i`` by class ``i``'s value), which needs batch size == C or either
+    equal to 1. With ``'L1'`` and ``'hybrid'`` (newer reference only) each class's
+    terms are divided by its own ``cut``, as that reference does.
+
+    A single-channel mask counts once, not once per heatmap channel, in the means
+    inside the mask (normalisation and NaN replacement), as in the original; the
+    newer reference repeats it over the channels first.
     """
     _check_args(heatmap, mask, reduction, multiMask, alternativeCut, cut)
+    foreground = _foreground_mode(alternativeForeground)
+    norm_mode = _norm_mode(norm, var, normRoI)
     n_batch, n_classes, ch, hh, ww = heatmap.shape
     low = _as_class_values(cut, "cut", n_classes, heatmap)
     high = _as_class_values(cut2, "cut2", n_classes, heatmap)
-    if low.numel() not in (1, n_batch) and n_batch != 1:
+    if foreground == "L2" and low.numel() not in (1, n_batch) and n_batch != 1:
         raise ValueError(
             f"a per-class cut of length {low.numel()} rescales the per-image foreground loss "
             f"(batch size {n_batch}) by broadcasting, as the reference does; this needs "
@@ -118,32 +234,50 @@ def heatmap_loss(heatmap, mask, cut=1, cut2=25, reduction='mean', norm=True, A=1
         )
 
     with torch.autocast(device_type=heatmap.device.type, enabled=False):
+        mask = _prepare_mask(mask, heatmap)
         if not multiMask:  # a view; the batch-wide RoI mean below counts it once per class, as the reference
             mask = mask.unsqueeze(1).expand(-1, n_classes, -1, -1, -1)
-        background = (1 - mask).float()
-        mask = mask.float()
-        h = heatmap.float().abs()
+        background = 1 - mask
+        dims = (-3, -2, -1)
 
         # Replace non-finite relevance with detached constants: no host sync,
         # and (like nan_to_num) no gradient through the replaced entries.
-        finite = torch.nan_to_num(h, nan=0.0, posinf=0.0, neginf=0.0)
-        roi_mean = ((finite * mask).sum() / (mask.sum() + eps)).detach()
-        h = torch.where(torch.isnan(h), roi_mean, torch.where(torch.isinf(h), finite.max().detach(), h))
+        if norm_mode == "RoIMean":
+            signed = heatmap.float()
+            finite = torch.nan_to_num(signed, nan=0.0, posinf=0.0, neginf=0.0)
+            roi_mean = ((finite * mask).sum() / (mask.sum() + eps)).detach()
+            signed = torch.where(
+                torch.isnan(signed),
+                roi_mean,
+                torch.where(
+                    signed == math.inf,
+                    finite.max().detach(),
+                    torch.where(signed == -math.inf, finite.min().detach(), signed),
+                ),
+            )
+            h = signed.abs()
+        else:
+            h = heatmap.float().abs()
+            finite = torch.nan_to_num(h, nan=0.0, posinf=0.0, neginf=0.0)
+            roi_mean = ((finite * mask).sum() / (mask.sum() + eps)).detach()
+            h = torch.where(torch.isnan(h), roi_mean, torch.where(torch.isinf(h), finite.max().detach(), h))
         raw = h
 
-        dims = (-3, -2, -1)
-        if norm:
-            if var:
+        if norm_mode == "none":
+            h = h * (ch * hh * ww)
+        else:
+            source = signed if norm_mode == "RoIMean" else h
+            if norm_mode == "var":
                 denom = torch.var(h, dim=dims, keepdim=True).sqrt()
-            elif normRoI:
-                denom = (h * mask).sum(dims, keepdim=True) / (mask.sum(dims, keepdim=True) + eps)
-            else:
+            elif norm_mode == "mean":
                 denom = h.mean(dims, keepdim=True)
+            else:  # absRoIMean, RoIMean: mean inside the mask
+                denom = (source * mask).sum(dims, keepdim=True) / (mask.sum(dims, keepdim=True) + eps)
             if detachNorm:
                 denom = denom.detach()
-            h = h / (denom + eps)
-        else:
-            h = h * (ch * hh * ww)
+            h = source / (denom + eps)
+            if norm_mode == "RoIMean":
+                h = h.abs()
 
         # Background: pooled relevance outside the mask per (image, class, channel),
         # squashed to [0, 1) and penalised with a cross-entropy towards 0.
@@ -154,14 +288,30 @@ def heatmap_loss(heatmap, mask, cut=1, cut2=25, reduction='mean', norm=True, A=1
         # Foreground: unnormalised relevance inside the mask, per (image, class),
         # pushed above cut and below cut2.
         fg = (raw * mask).sum(dims)
-        if alternativeCut:
-            total = fg.sum(-1)
-            loss_fg = (torch.clamp(total, max=low.expand_as(total)) - low) ** 2
-        else:
-            low_t = low.expand_as(fg)
-            loss_fg = ((torch.clamp(fg, max=low_t) - low_t) ** 2).mean(-1)
+        low_t = low.expand_as(fg)
         high_t = high.expand_as(fg)
-        loss_fg = loss_fg / low**2 + ((torch.clamp(fg, min=high_t) - high_t) ** 2).mean(-1) / low**2
+        if foreground == "L2":
+            # The original: per-image sums divided by cut**2 (a per-class cut broadcasts against the batch).
+            if alternativeCut:
+                total = fg.sum(-1)
+                loss_fg = (torch.clamp(total, max=low.expand_as(total)) - low) ** 2
+            else:
+                loss_fg = ((torch.clamp(fg, max=low_t) - low_t) ** 2).mean(-1)
+            loss_fg = loss_fg / low**2 + ((torch.clamp(fg, min=high_t) - high_t) ** 2).mean(-1) / low**2
+        else:
+            # The newer reference: each class's squared terms divided by its own cut**2.
+            if alternativeCut:
+                total = fg.sum(-1)
+                lower = (torch.clamp(total, max=low.expand_as(total)) - low) ** 2 / low**2
+            else:
+                lower = ((torch.clamp(fg, max=low_t) - low_t) ** 2 / low_t**2).mean(-1)
+            if foreground == "L1":
+                upper = (torch.clamp(fg, min=high_t) - high_t).abs()
+            else:  # hybrid
+                top = low_t + high_t
+                square = (torch.clamp(fg, min=high_t) - high_t) ** 2 / low_t**2
+                upper = torch.where(fg.detach() > top, (fg - top).abs() + 1, square)
+            loss_fg = lower + upper.mean(-1)
 
         loss = A * loss_bg + B * loss_fg
         if reduction == "sum":

@@ -4,7 +4,9 @@ Every convolution's relevance goes back through one transposed convolution, howe
 layers consume its output: each consumer's epsilon-rule quotient (its BatchNorm folded into
 the producer, with the stabiliser) is summed channel-wise first. Everything that does not
 depend on the class (activations, folds, stabilised denominators) is computed once per image
-as a "gate" and broadcast over the classes; relevance tensors are ``B x C x ch x H x W``.
+as a "gate" and broadcast over the maps; relevance tensors are ``B x M x ch x H x W``, with M
+maps per image: one per class (the original ISNet) or one (the Faster ISNet variants, see
+``isnet_fast.output``, the only step that sees the number of classes).
 
 The elementwise steps come from an ops module: ``torch_ops`` (plain torch) or
 ``triton_ops`` (fused Triton kernels with autograd Functions); convolutions stay torch's.
@@ -12,7 +14,7 @@ The elementwise steps come from an ops module: ``torch_ops`` (plain torch) or
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 
 from . import torch_ops
 from .forward import Activations
+from .output import classifier_input_relevance
 from .structure import DenseBlockPlan, DenseNetPlan
 from .torch_ops import (channels_first_view, channels_last_view, merge_batch_and_classes, split_batch_and_classes,
                         stabilize)
@@ -31,8 +34,10 @@ def batch_statistics(batch_input: torch.Tensor) -> Tuple[torch.Tensor, torch.Ten
     """Detached per-channel batch mean and *unbiased* variance, as the original folds them."""
     # Two passes (mean, then the centred squares): as exact as torch.var_mean, and on the CPU
     # about ten times faster.
+    # Under autocast (bf16/fp16 activations) both are taken in float32.
     batch_input = batch_input.detach()
-    mean = batch_input.mean(dim=(0, 2, 3))
+    dtype = torch.float32 if batch_input.dtype in (torch.float16, torch.bfloat16) else batch_input.dtype
+    mean = batch_input.mean(dim=(0, 2, 3), dtype=dtype)
     centred = batch_input - mean.view(1, -1, 1, 1)
     count = batch_input.numel() // batch_input.shape[1]
     var = centred.mul_(centred).sum(dim=(0, 2, 3)) / (count - 1)
@@ -222,20 +227,16 @@ def transition_relevance(block: DenseBlockPlan, acts, next_quotient: torch.Tenso
     return split_batch_and_classes(back, spread.shape[0])
 
 
-def classifier_relevance(plan: DenseNetPlan, acts: Activations, e: float) -> torch.Tensor:
-    """Output relevance diag(y) through the classifier and the global average pool.
+def pool_relevance(plan: DenseNetPlan, acts: Activations, at_classifier_input: torch.Tensor,
+                   e: float) -> torch.Tensor:
+    """From the relevance at the classifier's input (``B x M x F``, see ``isnet_fast.output``)
+    through the global average pool.
 
-    Returns the class-expanded factor at the last block's post ReLU, B x C x F x 1 x 1.
+    Returns the map-expanded factor at the last block's post ReLU, B x M x F x 1 x 1.
     """
-    linear = plan.classifier
-    y = acts.y
-    # The original recomputes the logits with a detached bias for the denominator.
-    z = y if linear.bias is None else y + (linear.bias.detach() - linear.bias)
-    ratio = y / stabilize(z, e)  # B x C
-    features = acts.classifier_input.unsqueeze(1) * linear.weight.unsqueeze(0) * ratio.unsqueeze(-1)  # B x C x F
     pooled = acts.pooled.flatten(1)
     hw = acts.blocks[-1].post_relu_out.shape[-2] * acts.blocks[-1].post_relu_out.shape[-1]
-    factor = features / stabilize(pooled, e).unsqueeze(1) / hw
+    factor = at_classifier_input / stabilize(pooled, e).unsqueeze(1) / hw
     return factor[..., None, None]
 
 
@@ -272,14 +273,21 @@ def _square(value) -> int:
     return pair[0]
 
 
-def relevance(plan: DenseNetPlan, acts: Activations, e: float, zb: bool, ops=torch_ops) -> torch.Tensor:
-    """Heatmaps B x C x 3 x H x W, one per class, from the forward pass's activations.
+def relevance(plan: DenseNetPlan, acts: Activations, e: float, zb: bool, ops=torch_ops,
+              at_classifier_input: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Heatmaps B x M x 3 x H x W from the forward pass's activations.
 
+    ``at_classifier_input`` is the relevance at the classifier's input, B x M x F (what the maps
+    explain, ``isnet_fast.output``); by default the original's one map per class.
     Without autograd each relevance tensor is dropped as soon as its last consumer has used it,
     so the pass holds about one block's worth (the block-wide accumulator) at a time.
     """
+    if at_classifier_input is None:
+        at_classifier_input = classifier_input_relevance(plan.classifier, acts.classifier_input, acts.y, e,
+                                                         explain="all", selective=False, classes=None)
     in_place = not torch.is_grad_enabled()
-    factor = classifier_relevance(plan, acts, e)
+    factor = pool_relevance(plan, acts, at_classifier_input, e)
+    del at_classifier_input
     quotient = None
     for index in reversed(range(len(plan.blocks))):
         block, block_acts = plan.blocks[index], acts.blocks[index]

@@ -62,10 +62,39 @@ def _child(parent: nn.Module, name: str, where: str) -> nn.Module:
     return module
 
 
+# What the relevance pass's rules need at each kind of position, for the error messages.
+_BATCHNORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)  # SyncBatchNorm folds alike (see the README on DDP)
+_NEEDS = {
+    nn.ReLU: "an nn.ReLU",
+    _BATCHNORMS: "an nn.BatchNorm2d",
+    nn.Conv2d: "an nn.Conv2d",
+    nn.MaxPool2d: "an nn.MaxPool2d",
+    nn.AvgPool2d: "an nn.AvgPool2d(kernel_size=2, stride=2)",
+    nn.AdaptiveAvgPool2d: "an nn.AdaptiveAvgPool2d((1, 1))",
+    nn.Linear: "an nn.Linear (or a Sequential ending with one)",
+}
+
+
 def _expect(module: nn.Module, kind, where: str):
     if not isinstance(module, kind):
         raise UnsupportedModelError(
-            f"'{where}' is a {type(module).__name__}, but the relevance pass needs a {kind.__name__} there")
+            f"'{where}' is {_describe(module)}, but the relevance pass's rules need {_NEEDS[kind]} there "
+            "(with another module the heatmaps would be wrong)")
+
+
+def _describe(module) -> str:
+    """'a LeakyReLU(negative_slope=0.01)': the module's one-line repr, or its type's name."""
+    text = repr(module) if isinstance(module, nn.Module) and not list(module.children()) else ""
+    if not text or len(text) > 60 or "\n" in text:
+        text = type(module).__name__
+    return f"an {text}" if text[:1].lower() in "aeiou" else f"a {text}"
+
+
+def _child_as(parent: nn.Module, name: str, where: str, kind) -> nn.Module:
+    """The child ``name`` of ``parent`` (``where`` is the parent's dotted prefix), checked to be a ``kind``."""
+    module = _child(parent, name, where)
+    _expect(module, kind, where + name)
+    return module
 
 
 def _layer_number(name: str) -> int:
@@ -94,13 +123,20 @@ def consumer_pairs(layer_names: List[str], reference_pairing: bool) -> Dict[int,
 
 
 def build_plan(model: nn.Module, reference_pairing: bool = True) -> DenseNetPlan:
-    """Reads the DenseNet's structure, raising UnsupportedModelError where it cannot be used."""
+    """Reads the DenseNet's structure, raising UnsupportedModelError where it cannot be used.
+
+    Every module the pass reads is checked for the type its rules assume (ReLUs, BatchNorm2ds,
+    Conv2ds, the pools), before any of its attributes is read.
+    """
+    if not isinstance(model, nn.Module):
+        what = f"the class {model.__name__}" if isinstance(model, type) else f"a {type(model).__name__}"
+        raise TypeError(f"IsDenseFast takes a DenseNet module, e.g. densenet121(num_classes=3), got {what}"
+                        + (" (call it to build the network)" if callable(model) else ""))
     features = _child(model, "features", "")
-    for name in ("conv0", "norm0", "relu0", "pool0", "norm5", "fReLU", "AdaptPool"):
-        _child(features, name, "features.")
-    _expect(features.conv0, nn.Conv2d, "features.conv0")
-    _expect(features.pool0, nn.MaxPool2d, "features.pool0")
-    _expect(features.AdaptPool, nn.AdaptiveAvgPool2d, "features.AdaptPool")
+    f = "features."
+    for name, kind in (("conv0", nn.Conv2d), ("norm0", _BATCHNORMS), ("relu0", nn.ReLU), ("pool0", nn.MaxPool2d),
+                       ("norm5", _BATCHNORMS), ("fReLU", nn.ReLU), ("AdaptPool", nn.AdaptiveAvgPool2d)):
+        _child_as(features, name, f, kind)
     if tuple(nn.modules.utils._pair(features.AdaptPool.output_size)) != (1, 1):
         raise UnsupportedModelError("features.AdaptPool must pool to 1x1, as in the DenseNet")
 
@@ -118,20 +154,26 @@ def build_plan(model: nn.Module, reference_pairing: bool = True) -> DenseNetPlan
             raise UnsupportedModelError(
                 f"'{name}' is an in-place ReLU: the relevance pass reads the activations it would "
                 "overwrite. Build it with nn.ReLU(inplace=False)")
-        if isinstance(module, nn.BatchNorm2d) and (not module.affine or not module.track_running_stats):
+        if isinstance(module, _BATCHNORMS) and (not module.affine or not module.track_running_stats):
             raise UnsupportedModelError(f"'{name}' must be an affine BatchNorm2d with running statistics")
-        if isinstance(module, nn.Conv2d) and module.bias is not None:
-            raise UnsupportedModelError(f"'{name}' has a bias; the DenseNet's convolutions have none")
+        if isinstance(module, nn.Conv2d):
+            if module.bias is not None:
+                raise UnsupportedModelError(f"'{name}' has a bias; the DenseNet's convolutions have none")
+            if module.padding_mode != "zeros" or isinstance(module.padding, str):
+                padding = module.padding_mode if module.padding_mode != "zeros" else f"padding={module.padding!r}"
+                raise UnsupportedModelError(
+                    f"'{name}' pads with {padding}; the relevance pass's transposed convolution needs zero "
+                    "padding given as numbers, e.g. nn.Conv2d(..., padding=1)")
 
     block_names = sorted((n for n, _ in features.named_children() if n.startswith("denseblock")),
-                         key=lambda n: int(n[len("denseblock"):]))
+                         key=lambda n: _block_number(n))
     if not block_names:
         raise UnsupportedModelError("the model has no 'features.denseblock1'")
     blocks = []
     channels = features.norm0.num_features
     for b, block_name in enumerate(block_names, start=1):
         if block_name != f"denseblock{b}":
-            raise UnsupportedModelError(f"dense blocks must be numbered 1, 2, ...; found '{block_name}'")
+            raise UnsupportedModelError(f"dense blocks must be numbered 1, 2, ...; found 'features.{block_name}'")
         block = getattr(features, block_name)
         layer_names = [n for n, _ in block.named_children()]
         if not layer_names or any(n != f"denselayer{i}" for i, n in enumerate(layer_names, start=1)):
@@ -141,8 +183,9 @@ def build_plan(model: nn.Module, reference_pairing: bool = True) -> DenseNetPlan
         for layer_name in layer_names:
             layer = getattr(block, layer_name)
             where = f"features.{block_name}.{layer_name}."
-            for part in ("norm1", "relu1", "conv1", "norm2", "relu2", "conv2"):
-                _child(layer, part, where)
+            for part, kind in (("norm1", _BATCHNORMS), ("relu1", nn.ReLU), ("conv1", nn.Conv2d),
+                               ("norm2", _BATCHNORMS), ("relu2", nn.ReLU), ("conv2", nn.Conv2d)):
+                _child_as(layer, part, where, kind)
             growth = layer.conv2.out_channels
             if layer.norm1.num_features != start:
                 raise UnsupportedModelError(f"{where}norm1 has {layer.norm1.num_features} channels, expected {start}")
@@ -150,11 +193,12 @@ def build_plan(model: nn.Module, reference_pairing: bool = True) -> DenseNetPlan
             start += growth
         transition = None
         if b < len(block_names):
-            transition = _child(features, f"transition{b}", "features.")
-            for part in ("norm", "relu", "conv", "relu2", "pool"):
-                _child(transition, part, f"features.transition{b}.")
+            transition = _child(features, f"transition{b}", f)
+            where = f"features.transition{b}."
+            for part, kind in (("norm", _BATCHNORMS), ("relu", nn.ReLU), ("conv", nn.Conv2d), ("relu2", nn.ReLU),
+                               ("pool", nn.AvgPool2d)):
+                _child_as(transition, part, where, kind)
             pool = transition.pool
-            _expect(pool, nn.AvgPool2d, f"features.transition{b}.pool")
             if nn.modules.utils._pair(pool.kernel_size) != (2, 2) or nn.modules.utils._pair(pool.stride) != (2, 2) \
                     or nn.modules.utils._pair(pool.padding) != (0, 0) or pool.ceil_mode:
                 raise UnsupportedModelError(f"features.transition{b}.pool must be AvgPool2d(kernel_size=2, stride=2)")
@@ -167,3 +211,9 @@ def build_plan(model: nn.Module, reference_pairing: bool = True) -> DenseNetPlan
         blocks.append(plan)
         channels = transition.conv.out_channels if transition is not None else start
     return DenseNetPlan(features, classifier_pre, classifier, blocks)
+
+
+def _block_number(name: str) -> int:
+    """3 for 'denseblock3'; -1 for a name that does not end in a number (reported as misnumbered)."""
+    suffix = name[len("denseblock"):]
+    return int(suffix) if suffix.isdigit() else -1

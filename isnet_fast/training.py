@@ -4,11 +4,21 @@ The loss is the original's ``(1 - P) * classification + P * heatmap_loss``. ``P 
 plain classifier (an ``IsDenseFast`` then runs with ``heat=False``, so no heatmaps are made).
 Gradients are clipped to norm 1, as the original recommends.
 
+Every ISNet variant trains here: the variant is the ``IsDenseFast``'s own setting
+(``explain``, ``selective``): the Original ISNet (``explain="all"``, one map per class), the
+Selective ISNet (``selective=True, explain="lowest"``), the Stochastic ISNet
+(``explain="random"``), or any other combination the model accepts. ``TrainConfig.explain_labels``
+explains each image's label instead (``model(x, classes=labels)``). The heatmap loss takes the
+one map of the one-map variants (``B x 1 x 3 x H x W``) with the same masks.
+
 A checkpoint is a dict that ``torch.load(..., weights_only=True)`` reads, so
 ``IsDenseFast.from_checkpoint`` loads its weights directly (key ``state_dict``). It also holds
 the optimizer, the completed epoch, the RNG states, the per-epoch history, the training
 settings, the DenseNet's configuration (``densenet_config``), the IsDenseFast's LRP settings
-and the training image size, from which ``isnet-fast explain`` rebuilds the model.
+(``isdensefast``: e, Zb, reference_pairing, explain, selective) and the training image size, from
+which :func:`load_model` and ``isnet-fast explain`` rebuild the model. A resumed run takes the
+variant (explain, selective) from the checkpoint; checkpoints written before the variants existed
+read as the Original ISNet (``explain="all"``, ``selective=False``).
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ import os
 import sys
 import time
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Union
 
@@ -40,7 +51,9 @@ __all__ = [
     "compound_loss",
     "densenet_config",
     "evaluate",
+    "isdensefast_settings",
     "load_checkpoint",
+    "load_model",
     "save_checkpoint",
     "scheduled_lr",
     "train",
@@ -70,7 +83,11 @@ class TrainConfig:
         multilabel: binary cross-entropy with logits on ``B x C`` 0/1 targets instead of the
             cross-entropy on class indices.
         heatmap_loss_kwargs: keyword arguments of :func:`isnet_fast.heatmap_loss` (cut, cut2, A,
-            B, E, d, ...).
+            B, E, d, norm, alternativeForeground, ...), passed through unchanged.
+        explain_labels: the heatmaps explain each image's label (``model(x, classes=labels)``,
+            one map per image, the authors' ``labelLogit``) instead of what the IsDenseFast's
+            ``explain``/``selective`` select. Single-label only: with ``multilabel`` there is no
+            one class per image, and the config raises a ValueError.
         seed: seeds the order of the batches. Dropout draws from torch's global generator:
             seed it (``torch.manual_seed``) for a reproducible run.
         progress: a progress bar (tqdm, to stderr) or, without tqdm, a line every
@@ -91,6 +108,7 @@ class TrainConfig:
     seed: int = 0
     progress: bool = True
     log_every: int = 20
+    explain_labels: bool = False
 
     def __post_init__(self):
         if not 0 <= self.P <= 1:
@@ -101,6 +119,10 @@ class TrainConfig:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.epochs < 0 or self.batch_size < 1:
             raise ValueError(f"need epochs >= 0 and batch_size >= 1, got {self.epochs} and {self.batch_size}")
+        if self.explain_labels and self.multilabel:
+            raise ValueError("explain_labels explains one class per image, its label; multilabel targets name "
+                             "several or none. Leave explain_labels off (the IsDenseFast's explain setting then "
+                             "picks the maps), or pass single-label class indices")
 
 
 # ----------------------------------------------------------------------------- loss
@@ -285,18 +307,25 @@ def load_checkpoint(path: PathLike, map_location="cpu") -> Dict[str, Any]:
     return dict(checkpoint)
 
 
-def _rng_state(shuffle_generator: torch.Generator) -> Dict[str, Any]:
+def _rng_state(shuffle_generator: torch.Generator, model: Optional[nn.Module] = None) -> Dict[str, Any]:
     state = {"shuffle": shuffle_generator.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    generator = getattr(model, "generator", None) if isinstance(model, IsDenseFast) else None
+    if generator is not None:  # the Stochastic ISNet's own generator, when it has one
+        state["isdensefast_generator"] = generator.get_state()
     return state
 
 
-def _restore_rng_state(state: Mapping[str, Any], shuffle_generator: torch.Generator) -> None:
+def _restore_rng_state(state: Mapping[str, Any], shuffle_generator: torch.Generator,
+                       model: Optional[nn.Module] = None) -> None:
     shuffle_generator.set_state(state["shuffle"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    generator = getattr(model, "generator", None) if isinstance(model, IsDenseFast) else None
+    if generator is not None and "isdensefast_generator" in state:
+        generator.set_state(state["isdensefast_generator"])
 
 
 # ----------------------------------------------------------------------------- loop
@@ -314,7 +343,9 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, masks: O
             ``masks`` (1 = foreground, shaped like the images) are needed when ``P > 0``.
         checkpoint_path: written (atomically) after every epoch.
         resume: continue from ``checkpoint_path`` if it exists: model, optimizer, RNG states
-            (the batch order's and torch's global one, which dropout draws from) and history
+            (the batch order's, torch's global one, which dropout and the Stochastic ISNet's
+            draw use, and the IsDenseFast's own ``generator`` if it has one), the variant
+            (``explain``, ``selective``; a warning when the model was set otherwise) and history
             are restored and training goes on from the saved epoch up to ``config.epochs``.
             The result equals that of an uninterrupted run.
         log_path: a JSON-lines file with one record per epoch; rewritten from the history at
@@ -331,6 +362,10 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, masks: O
         raise TypeError(f"P > 0 needs heatmaps: wrap the network in IsDenseFast (got {type(model).__name__})")
     if config.P > 0 and masks is None:
         raise ValueError("P > 0 needs foreground masks")
+    if config.explain_labels and config.P > 0 and (labels.dim() != 1 or labels.dtype.is_floating_point
+                                                   or labels.dtype == torch.bool):
+        raise ValueError(f"explain_labels needs one class index per image (a 1-D LongTensor), got labels of "
+                         f"shape {tuple(labels.shape)} and dtype {labels.dtype}")
     if len(images) != len(labels) or (masks is not None and len(masks) != len(images)):
         raise ValueError(f"images, labels and masks differ in length: {len(images)}, {len(labels)}, "
                          f"{None if masks is None else len(masks)}")
@@ -344,7 +379,8 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, masks: O
         checkpoint = load_checkpoint(checkpoint_path, map_location=device)
         model.load_state_dict(checkpoint["state_dict"])
         optimizer.load_state_dict(checkpoint["optimizer"])
-        _restore_rng_state(checkpoint["rng"], shuffle_generator)
+        _restore_rng_state(checkpoint["rng"], shuffle_generator, model)
+        _restore_variant(model, checkpoint)
         history = list(checkpoint["history"])
         start_epoch = int(checkpoint["epoch"])
     if log_path is not None:
@@ -364,7 +400,7 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, masks: O
                     "epoch": epoch + 1,
                     "state_dict": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
-                    "rng": _rng_state(shuffle_generator),
+                    "rng": _rng_state(shuffle_generator, model),
                     "history": history,
                     "train_config": dataclasses.asdict(config),
                     "densenet_config": densenet_config(model),
@@ -380,9 +416,65 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, masks: O
 
 
 def _isdensefast_settings(model: nn.Module) -> Optional[Dict[str, Any]]:
+    """What a checkpoint records of an IsDenseFast: its LRP rules and its variant."""
     if not isinstance(model, IsDenseFast):
         return None
-    return {"e": float(model.e), "Zb": bool(model.Zb), "reference_pairing": bool(model.reference_pairing)}
+    return {"e": float(model.e), "Zb": bool(model.Zb), "reference_pairing": bool(model.reference_pairing),
+            "explain": str(model.explain), "selective": bool(model.selective)}
+
+
+# What checkpoints written before the settings existed mean: the Original ISNet's defaults.
+_SETTING_DEFAULTS = {"e": 1e-2, "Zb": True, "reference_pairing": True, "explain": "all", "selective": False}
+
+
+def isdensefast_settings(checkpoint: Mapping[str, Any]) -> Dict[str, Any]:
+    """The IsDenseFast keyword arguments a training checkpoint (a dict, as :func:`load_checkpoint`
+    returns it) was trained with: ``e``, ``Zb``, ``reference_pairing``, ``explain`` and
+    ``selective``.
+
+    Keys an older checkpoint lacks take the defaults (``explain="all"``, ``selective=False``: the
+    Original ISNet). Pass them on: ``IsDenseFast.from_checkpoint(path, net, **isdensefast_settings(c))``.
+    """
+    recorded = checkpoint.get("isdensefast")
+    recorded = recorded if isinstance(recorded, Mapping) else {}
+    settings = {key: recorded.get(key, default) for key, default in _SETTING_DEFAULTS.items()}
+    settings["e"] = float(settings["e"])
+    for key in ("Zb", "reference_pairing", "selective"):
+        settings[key] = bool(settings[key])
+    settings["explain"] = str(settings["explain"])
+    return settings
+
+
+def load_model(path: PathLike, map_location="cpu", **overrides) -> IsDenseFast:
+    """The IsDenseFast a training checkpoint holds: its DenseNet (rebuilt from ``densenet_config``),
+    weights, LRP rules and variant (:func:`isdensefast_settings`), in eval mode.
+
+    ``overrides`` replace recorded IsDenseFast arguments (e.g. ``explain="all"`` for a map per
+    class, or ``backend``).
+    """
+    checkpoint = load_checkpoint(path, map_location=map_location)
+    if not isinstance(checkpoint.get("densenet_config"), Mapping):
+        raise ValueError(f"{path} does not record its DenseNet's configuration (densenet_config)")
+    settings = dict(isdensefast_settings(checkpoint), **overrides)
+    model = IsDenseFast(build_densenet(checkpoint["densenet_config"]), **settings)
+    model.load_state_dict(checkpoint["state_dict"])
+    return model.to(map_location if isinstance(map_location, (str, torch.device)) else "cpu").eval()
+
+
+def _restore_variant(model: nn.Module, checkpoint: Mapping[str, Any]) -> None:
+    """A resumed IsDenseFast continues with the variant its checkpoint was trained with."""
+    if not isinstance(model, IsDenseFast) or not isinstance(checkpoint.get("isdensefast"), Mapping):
+        return
+    recorded = isdensefast_settings(checkpoint)
+    wanted = (recorded["explain"], recorded["selective"])
+    if (model.explain, model.selective) == wanted:
+        return
+    warnings.warn(f"resuming a checkpoint trained with explain={wanted[0]!r}, selective={wanted[1]}: the model "
+                  f"(explain={model.explain!r}, selective={model.selective}) continues with the checkpoint's "
+                  "variant", stacklevel=3)
+    model.selective = False  # every explain mode accepts selective=False; then set both
+    model.explain = wanted[0]
+    model.selective = wanted[1]
 
 
 def _train_epoch(model, optimizer, images, labels, masks, config: TrainConfig, shuffle_generator, epoch, device):
@@ -401,7 +493,10 @@ def _train_epoch(model, optimizer, images, labels, masks, config: TrainConfig, s
             index = order[batch * config.batch_size:(batch + 1) * config.batch_size]
             x = images[index].to(device)
             y = labels[index].to(device)
-            output = model(x)
+            if config.explain_labels and config.P > 0:
+                output = model(x, classes=y)  # one map per image, for its label
+            else:
+                output = model(x)
             logits, heatmaps = output if isinstance(output, tuple) else (output, None)
             batch_masks = masks[index].to(device) if (masks is not None and config.P > 0) else None
             losses = compound_loss(logits, heatmaps, y, batch_masks, config.P, config.multilabel,

@@ -85,6 +85,24 @@ def test_all_classes_one_class_and_options(tmp_path, images, our_checkpoint, cap
     assert "e=0.05 and the z^B rule" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("variant", [dict(explain="random"), dict(explain="lowest", selective=True)])
+def test_checkpoints_of_the_one_map_variants_explain_every_class(tmp_path, images, variant, capsys):
+    """A Stochastic or Selective ISNet's checkpoint records its variant; ``explain`` still draws the
+    logit heatmap of any class (the trained variant makes one map per image)."""
+    path = tmp_path / "variant.pt"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = IsDenseFast(DenseNet(**TINY), Zb=False, **variant)
+        train(model, torch.rand(6, 3, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2]), torch.ones(6, 3, 32, 32),
+              TrainConfig(epochs=1, batch_size=6, P=0.5, progress=False), checkpoint_path=path)
+    assert torch.load(path, weights_only=True)["isdensefast"]["explain"] == variant["explain"]
+    assert explain("--checkpoint", path, images[0], "--out", tmp_path / "all", "--all-classes") == 0
+    assert sorted(p.name for p in (tmp_path / "all").iterdir()) == [f"cat_class{k}.png" for k in range(3)]
+    assert explain("--checkpoint", path, images[0], "--out", tmp_path / "top") == 0
+    assert len(list((tmp_path / "top").iterdir())) == 1
+    assert "epsilon rule at the input; 3 classes" in capsys.readouterr().out
+
+
 def test_original_style_checkpoint_with_arch(tmp_path, images, original_checkpoint, capsys):
     assert explain("--checkpoint", original_checkpoint, images[1], "--out", tmp_path, "--arch", "densenet121",
                    "--size", "32") == 0

@@ -293,6 +293,9 @@ def test_loads_an_original_lightning_checkpoint(tmp_path):
         warnings.simplefilter("error", UserWarning)  # the original's default E etc. warn nothing
         restored = IsDense121Lightning.load_from_checkpoint(path, map_location="cpu", architecture=TINY)
     assert restored.multiLabel and restored.P == 0.7
+    # hyperparameters without the variants' names: the Original ISNet, with the original's loss
+    assert (restored.model.explain, restored.model.selective, restored.labelLogit) == ("all", False, False)
+    assert restored.loss_options["alternativeForeground"] == "L2"
     for key, value in source.state_dict().items():
         assert torch.equal(restored.DenseNet.state_dict()[key], value), key
 
@@ -321,6 +324,162 @@ def test_warnings_for_options_without_effect():
         make_module(Cweight=torch.ones(CLASSES))
     with pytest.raises(ValueError, match="P"):
         make_module(P=1.5)
+
+
+# ------------------------------------------------------------------------------------------------
+# ISNet variants under the authors' newer names (ISNetLightningZe.ISNetLgt) and ours.
+@pytest.mark.parametrize("kwargs, expected", [
+    ({}, ("all", False)),  # the Original ISNet
+    (dict(multiple=True), ("all", False)),
+    (dict(highest=True), ("top", False)),
+    (dict(highest=True, multiple=False), ("top", False)),
+    (dict(selective=True, highest=True), ("lowest", True)),  # the Selective ISNet: argmin(y)
+    (dict(selective=True, highest=True, multiple=False), ("lowest", True)),
+    (dict(randomLogit=True), ("random", False)),  # the Stochastic ISNet
+    (dict(multiple=False), ("sum", False)),
+    (dict(selective=True), ("all", True)),
+    (dict(labelLogit=True), ("all", False)),
+    (dict(labelLogit=True, selective=True, multiple=False), ("all", True)),
+    (dict(explain="random", selective=True), ("random", True)),
+    (dict(explain="lowest"), ("lowest", False)),
+])
+def test_the_authors_names_map_onto_explain_and_selective(kwargs, expected):
+    module = make_module(**kwargs)
+    assert (module.model.explain, module.model.selective) == expected
+    assert (module.explain, module.selective) == expected
+    assert module.labelLogit == kwargs.get("labelLogit", False)
+    for name, value in kwargs.items():
+        assert module.hparams[name] == value  # saved, so load_from_checkpoint rebuilds the variant
+
+
+def test_the_authors_defaults():
+    module = make_module()
+    for name, default in dict(selective=False, highest=False, randomLogit=False, labelLogit=False,
+                              norm=True, multiple=None, explain=None).items():
+        assert module.hparams[name] == default, name
+    # ours keeps the original module's loss by default; their newer module's 'hybrid' is one argument away
+    assert module.hparams.alternativeForeground == "L2"
+    assert module.loss_options["alternativeForeground"] == "L2" and module.loss_options["norm"] is True
+    hybrid = make_module(alternativeForeground="hybrid", norm="RoIMean")
+    assert hybrid.loss_options["alternativeForeground"] == "hybrid" and hybrid.loss_options["norm"] == "RoIMean"
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(highest=True, randomLogit=True), "set only one"),
+    (dict(labelLogit=True, highest=True), "set only one"),
+    (dict(labelLogit=True, randomLogit=True), "set only one"),
+    (dict(multiple=True, highest=True), "set only one"),
+    (dict(multiple=True, randomLogit=True), "set only one"),
+    (dict(multiple=True, labelLogit=True), "set only one"),
+    (dict(randomLogit=True, selective=True), "randomLogit and selective"),
+    (dict(selective=True, multiple=False), "highest=True"),
+    (dict(explain="top", highest=True), "leave out highest"),
+    (dict(explain="all", multiple=True), "leave out multiple"),
+    (dict(explain="sum", selective=True), "sum"),
+    (dict(explain="best"), "explain must be one of"),
+    (dict(labelLogit=True, multiLabel=True), "labelLogit"),
+    (dict(randomLogit=True, multiMask=True), "multiMask"),
+    (dict(multiple=False, multiMask=True), "multiMask"),
+])
+def test_invalid_variant_combinations_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make_module(**kwargs)
+
+
+def _spy(monkeypatch, module):
+    """Records the model's calls (classes given, logits) and what the heatmap loss receives."""
+    import isnet_fast.lightning as isl
+
+    calls, losses = [], []
+    real_forward, real_loss = module.model.forward, isl.heatmap_loss
+
+    def forward(x, classes=None):
+        output = real_forward(x, classes)
+        calls.append((classes, output[0].detach().clone() if isinstance(output, tuple) else output.detach()))
+        return output
+
+    def loss(heatmaps, masks, **kwargs):
+        losses.append((tuple(heatmaps.shape), masks.detach().clone(), kwargs))
+        return real_loss(heatmaps, masks, **kwargs)
+
+    monkeypatch.setattr(module.model, "forward", forward)
+    monkeypatch.setattr(isl, "heatmap_loss", loss)
+    return calls, losses
+
+
+@pytest.mark.parametrize("case", ["original", "selective", "stochastic", "top", "sum", "selective_all",
+                                  "selective_random", "labelLogit", "selective_labelLogit", "multiMask_highest",
+                                  "multiMask_labelLogit", "hybrid_loss"])
+def test_each_variant_trains_a_step(monkeypatch, case):
+    kwargs = {"original": {}, "selective": dict(selective=True, highest=True), "stochastic": dict(randomLogit=True),
+              "top": dict(highest=True), "sum": dict(multiple=False), "selective_all": dict(selective=True),
+              "selective_random": dict(explain="random", selective=True), "labelLogit": dict(labelLogit=True),
+              "selective_labelLogit": dict(labelLogit=True, selective=True),
+              "multiMask_highest": dict(multiMask=True, highest=True),
+              "multiMask_labelLogit": dict(multiMask=True, labelLogit=True),
+              "hybrid_loss": dict(selective=True, highest=True, alternativeForeground="hybrid",
+                                  norm="absRoIMean")}[case]
+    data = make_data(4, multiMask=kwargs.get("multiMask", False))
+    module = make_module(**kwargs)
+    before = snapshot(module)
+    calls, losses = _spy(monkeypatch, module)
+    trainer = make_trainer(1)
+    trainer.fit(module, loader(data), loader(data))  # one training step, one validation step
+    assert trainer.global_step == 1
+    for name in ("train_loss/Classifier_step", "train_loss/Heatmap_step", "train_loss/Sum_step", "val_loss",
+                 "val_loss/Heatmap"):
+        assert math.isfinite(trainer.callback_metrics[name].item()), name
+    assert changed(before, module)
+    maps = CLASSES if module.model.explain == "all" and not module.labelLogit else 1
+    assert len(losses) >= 2 and all(shape == (4, maps, 3, SIZE, SIZE) for shape, _, _ in losses)
+    labels = data[2].squeeze(1)
+    for classes, _ in calls:  # the labels are explained in training and validation, and only with labelLogit
+        if module.labelLogit:
+            assert torch.equal(classes, labels)
+        else:
+            assert classes is None
+    if kwargs.get("multiMask"):  # each image's mask for the class its one map explains
+        for (classes, logits), (_, masks, _) in zip(calls, losses):
+            explained = classes if classes is not None else logits.argmax(1)
+            assert torch.equal(masks, data[1][torch.arange(4), explained].unsqueeze(1))
+    if case == "hybrid_loss":
+        assert all(kw["alternativeForeground"] == "hybrid" and kw["norm"] == "absRoIMean" for _, _, kw in losses)
+
+
+def test_labelLogit_takes_one_hot_labels_and_explains_them_in_tests():
+    module = make_module(labelLogit=True)
+    images, masks, labels = make_data(6)
+    one_hot = torch.nn.functional.one_hot(labels.squeeze(1), CLASSES).float()
+    assert torch.equal(module.label_classes(one_hot), labels.squeeze(1))
+    assert torch.equal(module.label_classes(labels), labels.squeeze(1))
+    trainer = make_trainer(1)
+    trainer.test(module, loader((images, masks, labels)))
+    logits, _, _, heatmaps = module.TestResults
+    assert heatmaps.shape == (6, 1, 3, SIZE, SIZE)
+    module.eval()
+    with torch.no_grad():
+        for c in range(CLASSES):  # each map is its label's
+            chosen = labels.squeeze(1) == c
+            if chosen.any():
+                expected = module.model(images, classes=torch.full((6,), c))[1][chosen]
+                assert torch.allclose(heatmaps[chosen], expected, atol=1e-6)
+        assert module(images)[1].shape == (6, CLASSES, 3, SIZE, SIZE)  # without labels: explain='all'
+
+
+def test_variant_survives_a_checkpoint(tmp_path):
+    module = make_module(selective=True, highest=True)
+    trainer = make_trainer(1, limit_val_batches=0)
+    trainer.fit(module, loader(make_data(4)))
+    path = tmp_path / "selective.ckpt"
+    trainer.save_checkpoint(path)
+    restored = IsDenseFastLightning.load_from_checkpoint(path, map_location="cpu")
+    assert (restored.model.explain, restored.model.selective) == ("lowest", True)
+    x = make_data(2)[0]
+    restored.eval()
+    module.eval()
+    with torch.no_grad():
+        assert restored(x)[1].shape == (2, 1, 3, SIZE, SIZE)
+        assert torch.allclose(restored(x)[1], module(x)[1])
 
 
 def test_missing_lightning_says_how_to_install(monkeypatch):

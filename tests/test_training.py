@@ -235,3 +235,194 @@ def test_bad_settings_and_foreign_checkpoints_are_refused(tmp_path):
     torch.save({"classifier.weight": torch.zeros(3, 2)}, foreign)
     with pytest.raises(ValueError, match="not an isnet-fast training checkpoint"):
         load_checkpoint(foreign)
+
+
+# ----------------------------------------------------------------------------- ISNet variants
+
+import isnet_fast.training as training_module  # noqa: E402
+from isnet_fast.training import isdensefast_settings, load_model  # noqa: E402
+
+VARIANTS = [("all", False), ("top", False), ("lowest", False), ("random", False), ("sum", False),
+            ("lowest", True), ("all", True), ("random", True)]
+
+
+def spy_on_heatmap_loss(monkeypatch):
+    """Records the heatmaps the training loop hands to the heatmap loss."""
+    seen = []
+
+    def recording(heatmaps, masks, **kwargs):
+        seen.append((heatmaps.detach().clone(), kwargs))
+        return heatmap_loss(heatmaps, masks, **kwargs)
+
+    monkeypatch.setattr(training_module, "heatmap_loss", recording)
+    return seen
+
+
+@pytest.mark.parametrize("explain, selective", VARIANTS)
+def test_every_variant_trains(monkeypatch, explain, selective):
+    images, labels, masks = toy_data()
+    model = tiny_model()
+    model.explain, model.selective = explain, selective
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = spy_on_heatmap_loss(monkeypatch)
+    history = train(model, images, labels, masks, quiet())
+    record = history[0]
+    assert all(v == v and abs(v) < float("inf") for v in record.values())
+    assert record["heatmap_loss"] > 0
+    assert len(seen) == 3  # 12 images, batches of 4
+    assert {tuple(h.shape) for h, _ in seen} == {(4, 3 if explain == "all" else 1, 3, 32, 32)}
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert (model.explain, model.selective) == (explain, selective)  # left as it was
+
+
+def test_heatmap_loss_kwargs_pass_through(monkeypatch):
+    images, labels, masks = toy_data()
+    seen = spy_on_heatmap_loss(monkeypatch)
+    options = dict(norm="RoIMean", alternativeForeground="hybrid", cut=0.5)
+    train(tiny_model(), images, labels, masks, quiet(heatmap_loss_kwargs=options))
+    assert seen and all(kwargs == options for _, kwargs in seen)
+
+
+def test_explain_labels_explains_each_images_label(monkeypatch):
+    images, labels, masks = toy_data()
+    model = tiny_model()
+    model.explain = "top"  # explain_labels overrides it
+    calls = []
+    real_forward = model.forward
+
+    def forward(x, classes=None):
+        calls.append((x.clone(), classes))
+        return real_forward(x, classes)
+
+    monkeypatch.setattr(model, "forward", forward)
+    seen = spy_on_heatmap_loss(monkeypatch)
+    train(model, images, labels, masks, quiet(explain_labels=True, lr=0.0, momentum=0.0))
+    assert len(calls) == 3 and all(classes is not None for _, classes in calls)
+    for x, classes in calls:  # each batch's classes are its images' labels
+        index = [next(i for i in range(len(images)) if torch.equal(images[i], image)) for image in x]
+        assert torch.equal(classes, labels[index])
+    assert {tuple(h.shape[:2]) for h, _ in seen} == {(4, 1)}
+    # With lr 0 the weights stay, so the first batch's maps are those of the labels' logits.
+    model.train()
+    x, classes = calls[0]
+    for h, _ in seen[:1]:
+        expected = real_forward(x, classes)[1]
+        assert torch.allclose(h, expected, atol=1e-6)
+        assert not torch.allclose(h, real_forward(x, (classes + 1) % 3)[1], atol=1e-6)
+
+
+def test_explain_labels_refuses_multilabel_and_is_off_by_default():
+    assert TrainConfig().explain_labels is False
+    with pytest.raises(ValueError, match="explain_labels.*multilabel"):
+        TrainConfig(explain_labels=True, multilabel=True)
+    images, labels, masks = toy_data()
+    with pytest.raises(ValueError, match="one class index per image"):
+        train(tiny_model(), images, labels.float(), masks, quiet(explain_labels=True))
+    train(tiny_model(), images, labels, None, quiet(explain_labels=True, P=0.0))  # no maps, nothing to explain
+
+
+def test_checkpoints_record_the_variant_and_load_model_rebuilds_it(tmp_path):
+    images, labels, masks = toy_data()
+    path = tmp_path / "selective.pt"
+    model = IsDenseFast(DenseNet(**TINY), e=0.05, Zb=False, explain="lowest", selective=True)
+    train(model, images, labels, masks, quiet(), checkpoint_path=path)
+    checkpoint = load_checkpoint(path)
+    assert checkpoint["isdensefast"] == {"e": 0.05, "Zb": False, "reference_pairing": True, "explain": "lowest",
+                                         "selective": True}
+    assert checkpoint["train_config"]["explain_labels"] is False
+    assert isdensefast_settings(checkpoint) == checkpoint["isdensefast"]
+
+    loaded = load_model(path)
+    assert (loaded.explain, loaded.selective, loaded.e, loaded.Zb) == ("lowest", True, 0.05, False)
+    assert not loaded.training
+    model.eval()
+    with torch.no_grad():
+        y, R = loaded(images[:2])
+        assert R.shape == (2, 1, 3, 32, 32)
+        assert torch.equal(y, model(images[:2])[0]) and torch.allclose(R, model(images[:2])[1])
+    assert load_model(path, explain="all").maps_per_image == 3  # overrides
+    # IsDenseFast.from_checkpoint with the recorded settings
+    again = IsDenseFast.from_checkpoint(path, DenseNet(**TINY), **isdensefast_settings(checkpoint))
+    assert (again.explain, again.selective) == ("lowest", True)
+
+
+def test_old_checkpoints_without_the_variant_load_as_the_original_isnet(tmp_path):
+    images, labels, masks = toy_data()
+    path = tmp_path / "old.pt"
+    model = tiny_model()
+    model.explain = "top"
+    train(model, images, labels, masks, quiet(), checkpoint_path=path)
+    checkpoint = load_checkpoint(path)
+    for key in ("explain", "selective"):  # as written before the variants existed
+        del checkpoint["isdensefast"][key]
+    save_checkpoint(path, checkpoint)
+    assert isdensefast_settings(load_checkpoint(path))["explain"] == "all"
+    loaded = load_model(path)
+    assert (loaded.explain, loaded.selective) == ("all", False)
+    del checkpoint["isdensefast"]
+    save_checkpoint(path, checkpoint)
+    assert (load_model(path).explain, isdensefast_settings(load_checkpoint(path))["selective"]) == ("all", False)
+    # resuming it takes the old checkpoint's variant: the Original ISNet's
+    checkpoint["isdensefast"] = {"e": 1e-2, "Zb": True, "reference_pairing": True}
+    save_checkpoint(path, checkpoint)
+    resumed = tiny_model()
+    resumed.explain = "top"
+    with pytest.warns(UserWarning, match="explain='all'"):
+        train(resumed, images, labels, masks, quiet(epochs=2), checkpoint_path=path, resume=True)
+    assert resumed.explain == "all"
+
+
+def _interrupted_and_resumed(tmp_path, make_model, images, labels, masks, config):
+    class Interrupted(Exception):
+        pass
+
+    def interrupt_after_the_first_epoch(record):
+        if record["epoch"] == 1:
+            raise Interrupted
+
+    path = tmp_path / "checkpoint.pt"
+    with pytest.raises(Interrupted):
+        train(make_model(), images, labels, masks, config, checkpoint_path=path,
+              on_epoch_end=interrupt_after_the_first_epoch)
+    torch.manual_seed(1)  # whatever ran in between (other draws than epoch 2's): the checkpoint's RNG state must win
+    resumed = make_model(seed=123, explain="all")  # other weights and variant: both come from the checkpoint
+    with pytest.warns(UserWarning, match="explain='random'"):
+        history = train(resumed, images, labels, masks, config, checkpoint_path=path, resume=True)
+    return resumed, history
+
+
+@pytest.mark.parametrize("own_generator", [False, True])
+def test_resume_of_the_stochastic_isnet_is_exact(tmp_path, own_generator):
+    images, labels, masks = toy_data(n=12)
+    config = quiet(epochs=2, lr=0.05)
+
+    def make_model(seed=0, explain="random"):
+        model = tiny_model(seed)
+        model.explain = explain
+        if own_generator:
+            model.generator = torch.Generator().manual_seed(seed)
+        return model
+
+    def uninterrupted(global_seed):
+        torch.manual_seed(global_seed)
+        model = make_model()
+        return model, train(model, images, labels, masks, config)
+
+    torch.manual_seed(0)
+    reference, history = uninterrupted(0)
+    torch.manual_seed(0)
+    resumed, resumed_history = _interrupted_and_resumed(tmp_path, make_model, images, labels, masks, config)
+    assert resumed.explain == "random"
+    for (key, ours), theirs in zip(resumed.state_dict().items(), reference.state_dict().values()):
+        assert torch.equal(ours, theirs), key
+    strip = lambda records: [{k: v for k, v in r.items() if k != "seconds"} for r in records]  # noqa: E731
+    assert strip(resumed_history) == strip(history)
+
+    # The draws matter: other draws (another seed of the generator they come from) train other weights.
+    if own_generator:
+        other = make_model()
+        other.generator.manual_seed(1)
+        train(other, images, labels, masks, config)
+    else:
+        other, _ = uninterrupted(1)
+    assert any(not torch.equal(a, b) for a, b in zip(other.state_dict().values(), reference.state_dict().values()))
