@@ -2,7 +2,8 @@
 
 The suite's settings default to those of ``isnet-fast bench`` on the device found; override
 them with ``--bench-device``, ``--bench-batch``, ``--bench-size`` and the like. The original's
-cases run when ``ISNET_REFERENCE`` names a folder with its LRP-Block code.
+cases run when ``ISNET_REFERENCE`` names a checkout of the ISNet repository or its ``backup/``
+folder; the authors' Selective ISNet's when it names the whole repository (its ``code/`` folder).
 """
 
 import os
@@ -52,12 +53,13 @@ def bench_settings(request):
 
 
 @pytest.fixture(scope="session")
-def reference_folder():
-    """The original's code folder from ISNET_REFERENCE, or None when it is not set."""
+def reference_folders():
+    """Where ISNET_REFERENCE has the authors' code (bm.ReferenceFolders: the original's backup/,
+    the Selective ISNet's code/, a note on what is missing); both None when it is not set."""
     folder = os.environ.get(bm.REFERENCE_ENV)
     if not folder:
-        return None
+        return bm.ReferenceFolders(None, None)
     try:
-        return str(bm.check_reference_folder(folder))
+        return bm.find_references(folder)
     except bm.ReferenceFolderError as error:
         raise pytest.UsageError(f"${bm.REFERENCE_ENV}: {error}") from None

@@ -1,8 +1,17 @@
-"""pytest-benchmark suite: IsDenseFast, the original IsDense and the autograd floor.
+"""pytest-benchmark suite: IsDenseFast (all maps and Selective), the authors' code, the floors
+and a plain training step.
 
 Run with ``python -m pytest bench --benchmark-only`` (the plain test command collects only
-tests/). Each group (``explain, 2 classes``, ``train, 10 classes``, ...) holds isnet_fast, the
-original when ``ISNET_REFERENCE`` is set, and the floor, measured side by side in one session.
+tests/). Each group (``explain, 2 classes``, ``train, 10 classes``, ...) holds, measured side by
+side in one session:
+
+* isnet_fast with all maps and the original (when ``ISNET_REFERENCE`` is set), and their floor
+  (one input gradient per class);
+* isnet_fast Selective (``selective=True, explain="lowest"``) and the authors' Selective ISNet
+  (when ``ISNET_REFERENCE`` names the whole ISNet repository, whose ``code/`` holds it), and
+  their floor (one input gradient, the top logit's);
+* in the train groups, train-plain: a plain DenseNet training step without heatmaps.
+
 Cases and step functions are those of ``isnet-fast bench`` (``isnet_fast.benchmark``), so the
 two agree within run-to-run noise. Peak memory goes to ``extra_info``: CUDA's
 max_memory_allocated, or on the CPU the peak RSS of a subprocess that runs the case alone.
@@ -16,31 +25,52 @@ import torch
 from isnet_fast import benchmark as bm
 
 CLASSES = (2, 10)
+# (case, implementation, explain, selective)
 CASES = [
-    ("explain", "isnet_fast"),
-    ("explain", "original"),
-    ("explain-floor", "autograd"),
-    ("train", "isnet_fast"),
-    ("train", "original"),
-    ("train-floor", "autograd"),
+    ("explain", "isnet_fast", "all", False),
+    ("explain", "original", "all", False),
+    ("explain", "isnet_fast", "lowest", True),
+    ("explain", "selective_reference", "lowest", True),
+    ("explain-floor", "autograd", "all", False),
+    ("explain-floor", "autograd", "top", False),
+    ("train", "isnet_fast", "all", False),
+    ("train", "original", "all", False),
+    ("train", "isnet_fast", "lowest", True),
+    ("train", "selective_reference", "lowest", True),
+    ("train-floor", "autograd", "all", False),
+    ("train-floor", "autograd", "top", False),
+    ("train-plain", "autograd", "all", False),
 ]
 
 pytestmark = pytest.mark.filterwarnings(r"ignore:.*torch\.cuda\.amp\.autocast:FutureWarning")
 
 
-def _case_id(case_implementation):
-    case, implementation = case_implementation
-    return case if implementation == "autograd" else f"{case}-{implementation}"
+def _case_id(case):
+    case, implementation, explain, selective = case
+    name = case if implementation == "autograd" else f"{case}-{implementation}"
+    if implementation == "isnet_fast" and (explain, selective) != bm.ORIGINAL_VARIANT:
+        name += "-" + bm.variant_name(explain, selective).replace(" ", "-").replace(",", "")
+    if case.endswith("-floor") and explain != "all":
+        name += "-1map"
+    return name
 
 
 @pytest.mark.parametrize("classes", CLASSES, ids=lambda c: f"{c}classes")
-@pytest.mark.parametrize("case_implementation", CASES, ids=_case_id)
-def test_case(benchmark, bench_settings, reference_folder, case_implementation, classes):
-    case, implementation = case_implementation
-    if implementation == "original" and reference_folder is None:
-        pytest.skip(bm.REFERENCE_HINT)
-    spec = bm.CaseSpec(case, implementation, classes=classes, reference=reference_folder, **bench_settings)
-    benchmark.group = f"{case.replace('-floor', '')}, {classes} classes"
+@pytest.mark.parametrize("case_variant", CASES, ids=_case_id)
+def test_case(benchmark, bench_settings, reference_folders, case_variant, classes):
+    case, implementation, explain, selective = case_variant
+    reference = None
+    if implementation == "original":
+        reference = reference_folders.original
+        if reference is None:
+            pytest.skip(reference_folders.note or bm.REFERENCE_HINT)
+    elif implementation == "selective_reference":
+        reference = reference_folders.selective_reference
+        if reference is None:
+            pytest.skip(reference_folders.note or bm.SELECTIVE_REFERENCE_HINT)
+    spec = bm.CaseSpec(case, implementation, classes=classes, reference=reference, explain=explain,
+                       selective=selective, **bench_settings)
+    benchmark.group = f"{case.replace('-floor', '').replace('-plain', '')}, {classes} classes"
 
     def pytest_benchmark_timer(step, warmup, repeat):
         benchmark.pedantic(step, rounds=repeat, warmup_rounds=warmup, iterations=1)

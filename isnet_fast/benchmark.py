@@ -5,15 +5,28 @@ A *case* is one thing timed per batch of images, for one model:
 * ``explain``: forward and heatmaps under ``torch.no_grad()``, model in eval mode;
 * ``train``: forward, heatmaps, ``(1-P) * cross-entropy + P * heatmap_loss`` (P = 0.7, random
   labels and binary masks), backward and an SGD step, model in train mode;
-* ``explain-floor``: forward and one ``torch.autograd.grad`` w.r.t. the input per class, the
-  least any per-class explanation costs;
+* ``explain-floor``: forward and one ``torch.autograd.grad`` w.r.t. the input per map, the
+  least any explanation with that many maps costs;
 * ``train-floor``: the same with ``create_graph=True``, the gradients as heatmaps in the same
-  loss and a backward through them: how gradient-based ISNet variants train.
+  loss and a backward through them: how gradient-based ISNet variants train;
+* ``train-plain``: a plain DenseNet training step (forward, cross-entropy, backward, SGD), no
+  heatmaps: what the classifier costs without ISNet.
 
-``explain`` and ``train`` run for ``isnet_fast`` (``IsDenseFast``) and for the ``original``
-(ISNet's ``IsDense``, loaded from a checkout of its LRP-Block code); the floors run a plain
-``isnet_fast.DenseNet`` under autograd (implementation ``autograd``). All models of one
-configuration start from the same random weights, and all read the same synthetic images.
+``explain`` and ``train`` run for ``isnet_fast`` (``IsDenseFast``, with any ``explain`` /
+``selective`` variant), for the ``original`` (ISNet's ``IsDense``, one map per class, loaded
+from the ``backup/`` folder of the ISNet repository) and for ``selective_reference`` (the
+authors' Selective ISNet, ``IsDense(..., multiple=False, selective=True, highest=True)`` from the
+repository's ``code/`` folder, which explains the class-selective quantity of the lowest logit:
+ours with ``selective=True, explain="lowest"``). The floors and ``train-plain`` run a plain
+``isnet_fast.DenseNet`` under autograd (implementation ``autograd``); on the CPU they read their
+images channels_last, the layout ``IsDenseFast`` runs there, so that no ratio gains from a slower
+layout of the plain network. All models of one configuration start from the same random weights,
+and all read the same synthetic images.
+
+A case's number of maps per image, M (``CaseSpec.maps``), is K (the classes) for ``explain="all"``
+and 1 for the one-map variants. A floor is given by its M: ``explain="all"`` (one input gradient
+per class) or ``explain="top"`` (one, of the top logit), and every case is compared with the floor
+of its own M.
 
 Where each case runs (``measure``):
 
@@ -26,8 +39,9 @@ Where each case runs (``measure``):
   twice and push the default ``isnet-fast bench`` on a 2-core CPU past its few-minute budget.
   What the subprocess measures is the same step function an in-process run times.
 
-Ratios (to the floor, against the original) are only ever taken between results of one run
-(``compare``), never against numbers saved by another.
+Ratios (to the floor, to ``train-plain``, against the original and the authors' Selective
+ISNet) are only ever taken between results of one run (``compare``), never against numbers
+saved by another.
 """
 
 from __future__ import annotations
@@ -59,23 +73,35 @@ from .devices import resolve_device
 from .forward import minimum_input_size
 from .loss import heatmap_loss
 from .model import BACKENDS, IsDenseFast
+from .output import EXPLAIN_MODES, check_variant
 from .structure import build_plan
 
 __all__ = [
     "ARCHS",
     "CASES",
+    "IMPLEMENTATIONS",
+    "ORIGINAL_VARIANT",
+    "SELECTIVE_ISNET",
+    "STANDARD_VARIANTS",
     "CaseResult",
     "CaseSpec",
     "Comparison",
     "PreparedCase",
     "ReferenceFolderError",
+    "ReferenceFolders",
     "ReferenceModules",
+    "build_original",
+    "build_selective_reference",
+    "case_specs",
     "check_reference_folder",
+    "check_selective_reference_folder",
     "compare",
     "default_settings",
     "environment_info",
     "extra_info",
+    "find_references",
     "load_reference",
+    "load_selective_reference",
     "measure",
     "minimum_image_size",
     "prepare_case",
@@ -84,6 +110,8 @@ __all__ = [
     "run_case_in_subprocess",
     "silence_original_deprecation_warnings",
     "time_step",
+    "variant_is_valid",
+    "variant_name",
 ]
 
 # The smoke-test architecture (--arch tiny): the layout of a DenseNet-BC at a fraction of the
@@ -93,8 +121,21 @@ ARCHS = ("densenet121", "densenet161", "densenet169", "densenet201", "tiny")
 _OUR_BUILDERS = {"densenet121": densenet121, "densenet161": densenet161, "densenet169": densenet169,
                  "densenet201": densenet201}
 
-CASES = ("explain", "train", "explain-floor", "train-floor")
+CASES = ("explain", "train", "explain-floor", "train-floor", "train-plain")
 FLOOR_OF = {"explain": "explain-floor", "train": "train-floor"}
+# Which implementations run each case: ours and the authors' two for the heatmap cases, a plain
+# DenseNet under autograd for the floors and the plain training step.
+IMPLEMENTATIONS = ("isnet_fast", "original", "selective_reference", "autograd")
+IMPLEMENTATION_NAMES = {"original": "original", "selective_reference": "authors' selective"}
+
+# A variant of ours is (explain, selective). The original computes one map per class; the
+# authors' Selective ISNet one map, the class-selective quantity of the lowest logit.
+ORIGINAL_VARIANT = ("all", False)
+SELECTIVE_ISNET = ("lowest", True)
+DEFAULT_VARIANTS = (ORIGINAL_VARIANT,)
+# isnet-fast bench --variants: ours with all maps, ours Selective, each next to the authors' code.
+STANDARD_VARIANTS = (ORIGINAL_VARIANT, SELECTIVE_ISNET)
+FLOOR_EXPLAIN = ("all", "top")  # a floor's maps: one input gradient per class, or the top logit's only
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
           "float16": torch.float16}
@@ -105,9 +146,30 @@ LRP_EPSILON = 1e-2  # the original IsDense's default e
 LEARNING_RATE = 1e-3  # small, so that repeated steps from random weights stay finite
 
 REFERENCE_FILES = ("ISNetLayers.py", "ISNetFunctions.py", "LRPDenseNet.py", "globals.py")
+# The authors' newer code (the ISNet repository's code/ folder), with the Selective ISNet. Its
+# modules are named apart from backup/'s, so both load in one process.
+SELECTIVE_REFERENCE_FILES = ("ISNetLayersZe.py", "ISNetFunctionsZe.py", "LRPDenseNetZe.py", "globalsZe.py")
 REFERENCE_ENV = "ISNET_REFERENCE"
-REFERENCE_HINT = (f"set {REFERENCE_ENV} to a folder with the original ISNet LRP-Block code "
-                  f"({', '.join(REFERENCE_FILES)}) to measure the original too")
+REFERENCE_HINT = (f"set {REFERENCE_ENV} to a checkout of the ISNet repository (github.com/PedroRASB/ISNet) or to "
+                  f"its backup/ folder ({', '.join(REFERENCE_FILES)}) to measure the original too")
+SELECTIVE_REFERENCE_HINT = (f"set {REFERENCE_ENV} to a checkout of the whole ISNet repository (its code/ folder: "
+                            f"{', '.join(SELECTIVE_REFERENCE_FILES)}) to measure the authors' Selective ISNet too")
+
+
+def variant_name(explain: str, selective: bool) -> str:
+    """A variant of ours in words: "all maps", "top", "selective lowest", "selective, all maps"."""
+    if explain == "all":
+        return "selective, all maps" if selective else "all maps"
+    return f"selective {explain}" if selective else explain
+
+
+def variant_is_valid(explain: str, selective: bool, classes: int) -> bool:
+    """Whether IsDenseFast can explain (explain, selective) for ``classes`` classes."""
+    try:
+        check_variant(explain, selective, classes)
+    except (ValueError, TypeError):
+        return False
+    return True
 
 
 # ----------------------------------------------------------------------------- settings
@@ -118,7 +180,9 @@ class CaseSpec:
     """Everything that defines one measured case; JSON-serialisable, so it can cross to a subprocess."""
 
     case: str  # one of CASES
-    implementation: str  # "isnet_fast" or "original" for explain/train, "autograd" for the floors
+    # "isnet_fast", "original" or "selective_reference" for explain/train; "autograd" for the
+    # floors and train-plain
+    implementation: str
     arch: str = "densenet121"
     batch: int = 2
     classes: int = 2
@@ -129,17 +193,25 @@ class CaseSpec:
     threads: Optional[int] = None  # torch.set_num_threads on the CPU; None keeps torch's default
     warmup: int = 1
     repeat: int = 3
-    reference: Optional[str] = None  # folder of the original's code, for implementation "original"
+    # The folder of the authors' code: backup/ for "original", code/ for "selective_reference"
+    reference: Optional[str] = None
     seed: int = 0
+    # IsDenseFast(explain=..., selective=...). The original is ("all", False), the authors'
+    # Selective ISNet ("lowest", True); a floor is "all" (K gradients) or "top" (one).
+    explain: str = "all"
+    selective: bool = False
 
     def __post_init__(self):
         if self.case not in CASES:
             raise ValueError(f"case must be one of {CASES}, got {self.case!r}")
-        expected = ("autograd",) if self.case.endswith("-floor") else ("isnet_fast", "original")
+        plain = self.case.endswith("-floor") or self.case == "train-plain"
+        expected = ("autograd",) if plain else ("isnet_fast", "original", "selective_reference")
         if self.implementation not in expected:
             raise ValueError(f"case {self.case!r} runs for {expected}, not {self.implementation!r}")
         if self.implementation == "original" and not self.reference:
             raise ValueError(f"the original's cases need its code: {REFERENCE_HINT}")
+        if self.implementation == "selective_reference" and not self.reference:
+            raise ValueError(f"the authors' Selective ISNet's cases need its code: {SELECTIVE_REFERENCE_HINT}")
         if self.arch not in ARCHS:
             raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
         if self.dtype not in DTYPES:
@@ -151,17 +223,75 @@ class CaseSpec:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.warmup < 0:
             raise ValueError(f"warmup must be 0 or more, got {self.warmup}")
+        self._check_variant()
+
+    def _check_variant(self):
+        if self.explain not in EXPLAIN_MODES:
+            raise ValueError(f"explain must be one of {EXPLAIN_MODES}, got {self.explain!r}")
+        if not isinstance(self.selective, bool):
+            raise ValueError(f"selective must be True or False, got {self.selective!r}")
+        variant = (self.explain, self.selective)
+        if self.case == "train-plain":
+            if variant != ("all", False):
+                raise ValueError("train-plain makes no heatmaps: leave explain='all' and selective=False")
+        elif self.case.endswith("-floor"):
+            if self.selective or self.explain not in FLOOR_EXPLAIN:
+                raise ValueError(f"a floor takes explain='all' (one input gradient per class) or 'top' (one, the "
+                                 f"top logit's) and selective=False, got explain={self.explain!r}, "
+                                 f"selective={self.selective!r}")
+        elif self.implementation == "original" and variant != ORIGINAL_VARIANT:
+            raise ValueError(f"the original computes one map per class: explain='all', selective=False, got "
+                             f"explain={self.explain!r}, selective={self.selective!r}")
+        elif self.implementation == "selective_reference" and variant != SELECTIVE_ISNET:
+            raise ValueError(f"the authors' Selective ISNet explains the lowest logit's class-selective quantity: "
+                             f"explain='lowest', selective=True, got explain={self.explain!r}, "
+                             f"selective={self.selective!r}")
+        if not self.case.endswith("-floor"):
+            try:
+                check_variant(self.explain, self.selective, self.classes)
+            except (ValueError, TypeError) as error:
+                raise ValueError(str(error)) from None
+
+    @property
+    def maps(self) -> int:
+        """M, the heatmaps (or floor gradients) per image: K for explain "all", else 1; 0 for train-plain."""
+        if self.case == "train-plain":
+            return 0
+        return self.classes if self.explain == "all" else 1
+
+    @property
+    def variant(self) -> str:
+        """What the maps explain, in words: "all maps", "selective lowest", "1 map (top logit)", "no maps"."""
+        if self.case == "train-plain":
+            return "no maps"
+        if self.case.endswith("-floor"):
+            return "all maps" if self.explain == "all" else "1 map (top logit)"
+        return variant_name(self.explain, self.selective)
 
     @property
     def label(self) -> str:
-        """How tables name the case: ``explain``, ``train (original)``, ``train-floor``."""
-        return self.case if self.implementation != "original" else f"{self.case} (original)"
+        """How tables name the case: ``explain``, ``train, selective lowest``, ``train (original)``,
+        ``train (authors' selective)``, ``train-floor``, ``train-floor, 1 map``, ``train-plain``."""
+        if self.implementation in IMPLEMENTATION_NAMES:
+            return f"{self.case} ({IMPLEMENTATION_NAMES[self.implementation]})"
+        if self.case.endswith("-floor"):
+            return self.case if self.explain == "all" else f"{self.case}, 1 map"
+        if self.implementation == "isnet_fast" and (self.explain, self.selective) != ORIGINAL_VARIANT:
+            return f"{self.case}, {self.variant}"
+        return self.case
+
+    @property
+    def base_configuration(self) -> tuple:
+        """The settings every case of one run shares: what must match for a case to be compared
+        with a floor or with train-plain (everything but case, implementation and variant)."""
+        return (self.arch, self.batch, self.classes, self.size, self.dtype, self.device, self.backend,
+                self.threads, self.seed)
 
     @property
     def configuration(self) -> tuple:
-        """What must match for two cases to be compared (everything but the case and implementation)."""
-        return (self.arch, self.batch, self.classes, self.size, self.dtype, self.device, self.backend,
-                self.threads, self.seed)
+        """What must match for two implementations to be compared: the settings and the variant
+        (ours with all maps against the original, ours Selective against the authors')."""
+        return self.base_configuration + (self.explain, self.selective)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -183,17 +313,39 @@ def default_settings(device: str) -> Dict[str, object]:
     return dict(batch=2, size=224, classes=(2,), warmup=1, repeat=3)
 
 
-def case_specs(cases: Sequence[str], classes: Sequence[int], with_original: bool, **settings) -> List[CaseSpec]:
-    """The specs to run, in table order: per number of classes, each case for ours, the original, the floor."""
+def case_specs(cases: Sequence[str], classes: Sequence[int], variants: Sequence[tuple] = DEFAULT_VARIANTS,
+               original: Optional[str] = None, selective_reference: Optional[str] = None,
+               **settings) -> List[CaseSpec]:
+    """The specs to run, in table order.
+
+    Per number of classes K, for explain then train: ours in each variant (explain, selective),
+    the original right after ours with all maps (given ``original``, the backup/ folder), the
+    authors' Selective ISNet right after ours Selective (given ``selective_reference``, the
+    code/ folder), then the floors for the variants' numbers of maps (K and/or 1); last
+    train-plain. Variants IsDenseFast cannot explain with K classes (selective or random with
+    one class) are left out for that K.
+    """
     specs = []
     for n_classes in classes:
+        valid = [tuple(v) for v in variants if variant_is_valid(v[0], v[1], n_classes)]
         for case in ("explain", "train"):
             if case in cases:
-                specs.append(CaseSpec(case, "isnet_fast", classes=n_classes, **settings))
-                if with_original:
-                    specs.append(CaseSpec(case, "original", classes=n_classes, **settings))
+                for explain, selective in valid:
+                    specs.append(CaseSpec(case, "isnet_fast", classes=n_classes, explain=explain, selective=selective,
+                                          **settings))
+                    if (explain, selective) == ORIGINAL_VARIANT and original:
+                        specs.append(CaseSpec(case, "original", classes=n_classes, reference=original, **settings))
+                    if (explain, selective) == SELECTIVE_ISNET and selective_reference:
+                        specs.append(CaseSpec(case, "selective_reference", classes=n_classes,
+                                              reference=selective_reference, explain="lowest", selective=True,
+                                              **settings))
             if FLOOR_OF[case] in cases:
-                specs.append(CaseSpec(FLOOR_OF[case], "autograd", classes=n_classes, **settings))
+                maps = sorted({n_classes if explain == "all" else 1 for explain, _ in valid}, reverse=True)
+                for n_maps in maps:
+                    specs.append(CaseSpec(FLOOR_OF[case], "autograd", classes=n_classes,
+                                          explain="all" if n_maps == n_classes else "top", **settings))
+        if "train-plain" in cases:
+            specs.append(CaseSpec("train-plain", "autograd", classes=n_classes, **settings))
     return specs
 
 
@@ -204,59 +356,131 @@ def minimum_image_size(arch: str) -> int:
     return minimum_input_size(build_plan(net))
 
 
-# ----------------------------------------------------------------------------- the original
+# ----------------------------------------------------------------------------- the authors' code
 
 
 class ReferenceFolderError(ValueError):
-    """The folder given for the original ISNet code is missing or unusable."""
+    """The folder given for the authors' ISNet code is missing or unusable."""
 
 
 class ReferenceModules(NamedTuple):
-    layers: object  # ISNetLayers
-    densenet: object  # LRPDenseNet
+    layers: object  # ISNetLayers (ISNetLayersZe for the Selective ISNet)
+    densenet: object  # LRPDenseNet (LRPDenseNetZe)
     folder: Path
+    implementation: str = "original"  # or "selective_reference"
+
+
+class ReferenceFolders(NamedTuple):
+    """Where the authors' code was found under a ``--reference`` path."""
+
+    original: Optional[str]  # the backup/ folder, or None
+    selective_reference: Optional[str]  # the code/ folder, or None
+    note: Optional[str] = None  # one line on what could not be found, or None
+
+
+def _check_folder(path, files, what) -> Path:
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise ReferenceFolderError(f"reference folder {str(path)!r} does not exist; it must hold {what} "
+                                   f"({', '.join(files)})")
+    missing = [name for name in files if not (folder / name).is_file()]
+    if missing:
+        raise ReferenceFolderError(f"reference folder {str(path)!r} lacks {', '.join(missing)}; it must hold {what} "
+                                   f"({', '.join(files)})")
+    return folder.resolve()
 
 
 def check_reference_folder(path) -> Path:
     """The folder as an absolute path; ReferenceFolderError naming what is missing if it lacks the original's files."""
+    return _check_folder(path, REFERENCE_FILES, "the original ISNet LRP-Block code")
+
+
+def check_selective_reference_folder(path) -> Path:
+    """The same for the authors' newer code (the repository's code/ folder), with the Selective ISNet."""
+    return _check_folder(path, SELECTIVE_REFERENCE_FILES,
+                         "the authors' newer ISNet code (the repository's code/ folder)")
+
+
+def find_references(path) -> ReferenceFolders:
+    """The folders of the original and of the authors' Selective ISNet under ``path``.
+
+    ``path`` is a checkout of the whole ISNet repository (its ``backup/`` holds the original,
+    its ``code/`` the Selective ISNet), or the ``backup/`` folder alone (only the original; the
+    note says why the Selective ISNet is missing), or the ``code/`` folder alone. A folder that
+    is found must hold its files; ReferenceFolderError otherwise.
+    """
     folder = Path(path).expanduser()
     if not folder.is_dir():
-        raise ReferenceFolderError(f"reference folder {str(path)!r} does not exist; it must hold the original ISNet "
-                             f"LRP-Block code ({', '.join(REFERENCE_FILES)})")
-    missing = [name for name in REFERENCE_FILES if not (folder / name).is_file()]
-    if missing:
-        raise ReferenceFolderError(f"reference folder {str(path)!r} lacks {', '.join(missing)}; it must hold the original "
-                             f"ISNet LRP-Block code ({', '.join(REFERENCE_FILES)})")
-    return folder.resolve()
+        raise ReferenceFolderError(f"reference folder {str(path)!r} does not exist; it must be a checkout of the ISNet "
+                                   f"repository (with backup/ and code/) or its backup/ folder")
+    backup, code = folder / "backup", folder / "code"
+    if backup.is_dir() or code.is_dir():  # the whole repository
+        original = str(check_reference_folder(backup)) if backup.is_dir() else None
+        selective = str(check_selective_reference_folder(code)) if code.is_dir() else None
+        missing = "backup/ (the original)" if original is None else (
+            "code/ (the authors' Selective ISNet)" if selective is None else None)
+        return ReferenceFolders(original, selective,
+                                None if missing is None else f"{folder} has no {missing}: not measured")
+    if all((folder / name).is_file() for name in REFERENCE_FILES):
+        return ReferenceFolders(str(folder.resolve()), None,
+                                f"{folder} is ISNet's backup/ folder alone: the authors' Selective ISNet (the "
+                                f"repository's code/ folder) is not measured; give the repository's root to "
+                                f"measure it too.")
+    if all((folder / name).is_file() for name in SELECTIVE_REFERENCE_FILES):
+        return ReferenceFolders(None, str(folder.resolve()),
+                                f"{folder} is ISNet's code/ folder alone: the original (the repository's backup/ "
+                                f"folder) is not measured; give the repository's root to measure it too.")
+    try:
+        check_reference_folder(folder)
+    except ReferenceFolderError as error:
+        raise ReferenceFolderError(f"{error}; or give a checkout of the whole ISNet repository (backup/ and code/)") \
+            from None
+    raise AssertionError("unreachable: the folder holds the original's files")
 
 
-def load_reference(path) -> ReferenceModules:
-    """Imports the original's ISNetLayers and LRPDenseNet from ``path``.
+def _load_modules(folder: Path, names: Sequence[str], what: str) -> list:
+    """Imports ``names`` from ``folder``.
 
     They import their siblings by plain name (``import globals``), so the folder goes on
     ``sys.path`` for the import only. Python keeps one module per name: a second folder in the
-    same process cannot be loaded, which raises ReferenceFolderError instead of silently mixing the two.
+    same process cannot be loaded, which raises ReferenceFolderError instead of silently mixing
+    the two. The original's and the newer code's modules have different names, so one process
+    loads both.
     """
-    folder = check_reference_folder(path)
     entry = str(folder)
     added = entry not in sys.path
     if added:
         sys.path.insert(0, entry)
     try:
-        layers = importlib.import_module("ISNetLayers")
-        densenet = importlib.import_module("LRPDenseNet")
+        modules = [importlib.import_module(name) for name in names]
     except Exception as error:
-        raise ReferenceFolderError(f"importing the original ISNet code from {entry} failed: "
-                             f"{type(error).__name__}: {error}") from error
+        raise ReferenceFolderError(f"importing {what} from {entry} failed: {type(error).__name__}: {error}") from error
     finally:
         if added:
             sys.path.remove(entry)
-    for module in (layers, densenet):
+    for module in modules:
         origin = Path(module.__file__).resolve().parent
         if origin != folder:
-            raise ReferenceFolderError(f"{module.__name__} is already imported from {origin}; one process can load the "
-                                 f"original from one folder only, not also from {folder}")
-    return ReferenceModules(layers, densenet, folder)
+            raise ReferenceFolderError(f"{module.__name__} is already imported from {origin}; one process can load "
+                                       f"{what} from one folder only, not also from {folder}")
+    return modules
+
+
+def load_reference(path) -> ReferenceModules:
+    """Imports the original's ISNetLayers and LRPDenseNet from ``path`` (the repository's backup/)."""
+    folder = check_reference_folder(path)
+    layers, densenet = _load_modules(folder, ("ISNetLayers", "LRPDenseNet"), "the original ISNet code")
+    return ReferenceModules(layers, densenet, folder, "original")
+
+
+def load_selective_reference(path) -> ReferenceModules:
+    """Imports the authors' ISNetLayersZe and LRPDenseNetZe from ``path`` (the repository's code/)."""
+    folder = check_selective_reference_folder(path)
+    layers, densenet = _load_modules(folder, ("ISNetLayersZe", "LRPDenseNetZe"), "the authors' newer ISNet code")
+    return ReferenceModules(layers, densenet, folder, "selective_reference")
+
+
+LOADERS = {"original": load_reference, "selective_reference": load_selective_reference}
 
 
 @contextlib.contextmanager
@@ -274,19 +498,42 @@ def cudnn_deterministic() -> Iterator[None]:
         torch.backends.cudnn.deterministic = previous
 
 
+def _reference_densenet(reference: ReferenceModules, arch: str, classes: int, state_dict) -> nn.Module:
+    if arch == "tiny":  # the authors' constructors take the DenseNet's layout as keywords
+        net = reference.densenet.DenseNet(num_classes=classes, **TINY_DENSENET)
+    else:
+        net = getattr(reference.densenet, arch)(num_classes=classes)
+    net.load_state_dict(state_dict)
+    return net
+
+
 def build_original(reference: ReferenceModules, arch: str, classes: int, state_dict) -> nn.Module:
     """A fresh original ``IsDense(LRPDenseNet.<arch>, e=1e-2, heat=True, Zb=True)`` holding ``state_dict``.
 
     Build one per case: the original keeps its activations in module-level lists that each
     construction resets, so two live instances would read each other's.
     """
-    if arch == "tiny":
-        net = reference.densenet.DenseNet(num_classes=classes, **TINY_DENSENET)
-    else:
-        net = getattr(reference.densenet, arch)(num_classes=classes)
-    net.load_state_dict(state_dict)
+    net = _reference_densenet(reference, arch, classes, state_dict)
     with cudnn_deterministic():
         return reference.layers.IsDense(net, e=LRP_EPSILON, heat=True, Zb=True)
+
+
+def build_selective_reference(reference: ReferenceModules, arch: str, classes: int, state_dict) -> nn.Module:
+    """The authors' Selective ISNet: ``ISNetLayersZe.IsDense(LRPDenseNetZe.<arch>, e=1e-2, heat=True,
+    Zb=True, multiple=False, selective=True, highest=True)`` holding ``state_dict``.
+
+    ``highest=True`` asks for one map per image; its default ``mode='lowest'`` picks the lowest
+    logit's class (ours: ``selective=True, explain="lowest"``). Like the original it refuses to
+    build without ``cudnn.deterministic`` and keeps its activations in module-level lists
+    (``globalsZe``): build one per case.
+    """
+    net = _reference_densenet(reference, arch, classes, state_dict)
+    with cudnn_deterministic():
+        return reference.layers.IsDense(net, e=LRP_EPSILON, heat=True, Zb=True, multiple=False, selective=True,
+                                        highest=True)
+
+
+BUILDERS = {"original": build_original, "selective_reference": build_selective_reference}
 
 
 # ----------------------------------------------------------------------------- building cases
@@ -337,8 +584,9 @@ class PreparedCase:
 def prepare_case(spec: CaseSpec, reference: Optional[ReferenceModules] = None) -> PreparedCase:
     """Builds the model, the synthetic batch and the step function of a case.
 
-    ``reference`` is the loaded original for implementation "original" (loaded from
-    ``spec.reference`` when not given).
+    ``reference`` is the loaded code of the authors for implementations "original" and
+    "selective_reference" (loaded from ``spec.reference`` when not given, or when it is the
+    other implementation's).
     """
     device = resolve_device(spec.device)
     if spec.dtype in CUDA_ONLY_DTYPES and device.type != "cuda":
@@ -349,18 +597,25 @@ def prepare_case(spec: CaseSpec, reference: Optional[ReferenceModules] = None) -
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
         net = _build_our_densenet(spec.arch, spec.classes)
-    if spec.implementation == "original":
-        model = build_original(reference or load_reference(spec.reference), spec.arch, spec.classes, net.state_dict())
+    if spec.implementation in BUILDERS:
+        if reference is None or reference.implementation != spec.implementation:
+            reference = LOADERS[spec.implementation](spec.reference)
+        model = BUILDERS[spec.implementation](reference, spec.arch, spec.classes, net.state_dict())
         del net
     elif spec.implementation == "isnet_fast":
-        model = IsDenseFast(net, e=LRP_EPSILON, heat=True, Zb=True, backend=spec.backend)
+        model = IsDenseFast(net, e=LRP_EPSILON, heat=True, Zb=True, explain=spec.explain, selective=spec.selective,
+                            backend=spec.backend)
     else:
         model = net
     model = model.to(device, dtype)
     batch = synthetic_batch(spec, device)
+    if spec.implementation == "autograd" and device.type == "cpu":
+        # IsDenseFast runs the network channels_last on the CPU, where oneDNN's convolutions
+        # are fastest; the plain network gets the same layout, so no ratio gains from a slower one.
+        batch = dataclasses.replace(batch, images=batch.images.contiguous(memory_format=torch.channels_last))
     step_builders = {"explain": _explain_step, "train": _train_step, "explain-floor": _explain_floor_step,
-                     "train-floor": _train_floor_step}
-    step = step_builders[spec.case](model, batch, spec.classes)
+                     "train-floor": _train_floor_step, "train-plain": _train_plain_step}
+    step = step_builders[spec.case](model, batch, spec)
 
     def synchronized_step():
         step()
@@ -369,7 +624,7 @@ def prepare_case(spec: CaseSpec, reference: Optional[ReferenceModules] = None) -
     return PreparedCase(spec, synchronized_step, model)
 
 
-def _explain_step(model, batch, classes):
+def _explain_step(model, batch, spec):
     model.eval()
 
     def step():
@@ -392,14 +647,21 @@ def _sgd_step(model, batch, logits_and_heatmaps):
     return step
 
 
-def _train_step(model, batch, classes):
+def _train_step(model, batch, spec):
     return _sgd_step(model, batch, lambda: model(batch.images))
 
 
-def _input_gradients(net, images, classes, create_graph):
-    """Logits and the gradient of each class's logit w.r.t. the input, stacked as B x C x 3 x H x W."""
+def _input_gradients(net, images, classes, create_graph, explain="all"):
+    """Logits and input gradients as heatmaps, ``B x M x 3 x H x W``.
+
+    ``explain="all"``: the gradient of each class's logit (M = K); ``"top"``: of each image's
+    top logit only (M = 1), the floor of the one-map variants.
+    """
     images = images.detach().requires_grad_(True)
     logits = net(images)
+    if explain == "top":
+        top = logits.gather(1, logits.detach().argmax(dim=1, keepdim=True)).sum()
+        return logits, torch.autograd.grad(top, images, create_graph=create_graph)[0].unsqueeze(1)
     grads = []
     for c in range(classes):
         # Images are independent in eval mode, so the gradient of the batch sum is each image's own.
@@ -409,16 +671,29 @@ def _input_gradients(net, images, classes, create_graph):
     return logits, torch.stack(grads, 1)
 
 
-def _explain_floor_step(net, batch, classes):
+def _explain_floor_step(net, batch, spec):
     net.eval()
 
     def step():
-        _input_gradients(net, batch.images, classes, create_graph=False)
+        _input_gradients(net, batch.images, spec.classes, create_graph=False, explain=spec.explain)
     return step
 
 
-def _train_floor_step(net, batch, classes):
-    return _sgd_step(net, batch, lambda: _input_gradients(net, batch.images, classes, create_graph=True))
+def _train_floor_step(net, batch, spec):
+    return _sgd_step(net, batch, lambda: _input_gradients(net, batch.images, spec.classes, create_graph=True,
+                                                          explain=spec.explain))
+
+
+def _train_plain_step(net, batch, spec):
+    """A plain training step, no heatmaps: forward, cross-entropy, backward, SGD."""
+    net.train()
+    optimizer = torch.optim.SGD(net.parameters(), lr=LEARNING_RATE)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(net(batch.images), batch.labels).backward()
+        optimizer.step()
+    return step
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -575,34 +850,58 @@ class Comparison:
     """A result with the ratios taken within its run."""
 
     result: CaseResult
-    floor_ratio: Optional[float] = None  # time / time of the matching floor
-    speedup_vs_original: Optional[float] = None  # original's time / this time (isnet_fast rows)
+    floor_ratio: Optional[float] = None  # time / time of the floor with the same number of maps
+    speedup_vs_original: Optional[float] = None  # original's time / this time (ours with all maps)
+    # the authors' Selective ISNet's time / this time (ours with selective=True, explain="lowest")
+    speedup_vs_selective_reference: Optional[float] = None
+    plain_ratio: Optional[float] = None  # time / time of train-plain (train cases)
+    floor_label: Optional[str] = None  # the floor floor_ratio was taken against
 
 
 def compare(results: Sequence[CaseResult]) -> List[Comparison]:
-    """Ratios to the floor and speedups against the original, between results of the same configuration."""
-    by_key = {(r.spec.configuration, r.spec.case, r.spec.implementation): r for r in results if r.median_s}
+    """Ratios between results of the same run and settings.
+
+    * ``floor_ratio``: to the floor of the same case kind and the same number of maps M (K for
+      explain "all" and the original, 1 for the one-map variants and the authors' Selective ISNet);
+    * ``plain_ratio``: a train case's time over train-plain's;
+    * ``speedup_vs_original`` / ``speedup_vs_selective_reference``: for ours, the authors'
+      implementation of the same variant (all maps / selective lowest) over ours.
+    """
+    done = [r for r in results if r.median_s]
+    by_key = {(r.spec.configuration, r.spec.case, r.spec.implementation): r for r in done}
+    floors = {(r.spec.base_configuration, r.spec.case, r.spec.maps): r for r in done if r.spec.case.endswith("-floor")}
+    plain = {r.spec.base_configuration: r for r in done if r.spec.case == "train-plain"}
     comparisons = []
     for result in results:
         comparison = Comparison(result)
+        comparisons.append(comparison)
         spec = result.spec
-        if result.median_s and spec.case in FLOOR_OF:
-            floor = by_key.get((spec.configuration, FLOOR_OF[spec.case], "autograd"))
+        if not result.median_s:
+            continue
+        if spec.case in FLOOR_OF:
+            floor = floors.get((spec.base_configuration, FLOOR_OF[spec.case], spec.maps))
             if floor is not None:
                 comparison.floor_ratio = result.median_s / floor.median_s
-            original = by_key.get((spec.configuration, spec.case, "original"))
-            if spec.implementation == "isnet_fast" and original is not None:
-                comparison.speedup_vs_original = original.median_s / result.median_s
-        elif result.median_s and spec.case.endswith("-floor"):
+                comparison.floor_label = floor.spec.label
+            if spec.implementation == "isnet_fast":
+                for implementation, attribute in (("original", "speedup_vs_original"),
+                                                  ("selective_reference", "speedup_vs_selective_reference")):
+                    other = by_key.get((spec.configuration, spec.case, implementation))
+                    if other is not None:
+                        setattr(comparison, attribute, other.median_s / result.median_s)
+        elif spec.case.endswith("-floor"):
             comparison.floor_ratio = 1.0
-        comparisons.append(comparison)
+            comparison.floor_label = spec.label
+        if spec.case.startswith("train") and spec.base_configuration in plain:
+            comparison.plain_ratio = result.median_s / plain[spec.base_configuration].median_s
     return comparisons
 
 
 def comparison_record(comparison: Comparison) -> dict:
     """Every figure of a compared result, flat, for JSON."""
     result = comparison.result
-    record = dict(dataclasses.asdict(result.spec), label=result.spec.label)
+    record = dict(dataclasses.asdict(result.spec), label=result.spec.label, variant=result.spec.variant,
+                  maps=result.spec.maps)
     record.update(
         median_ms=None if result.median_s is None else result.median_s * 1e3,
         times_ms=[t * 1e3 for t in result.times_s],
@@ -610,7 +909,10 @@ def comparison_record(comparison: Comparison) -> dict:
         peak_memory_bytes=result.peak_memory_bytes,
         memory_kind=result.memory_kind,
         floor_ratio=comparison.floor_ratio,
+        floor=comparison.floor_label,
+        plain_ratio=comparison.plain_ratio,
         speedup_vs_original=comparison.speedup_vs_original,
+        speedup_vs_selective_reference=comparison.speedup_vs_selective_reference,
         error=result.error,
         error_detail=result.error_detail,
     )
@@ -671,6 +973,11 @@ def extra_info(spec: CaseSpec, peak_memory_bytes: Optional[int], memory_kind: st
     return {
         "case": spec.case,
         "implementation": spec.implementation,
+        "label": spec.label,
+        "explain": spec.explain,
+        "selective": spec.selective,
+        "variant": spec.variant,
+        "maps": spec.maps,
         "arch": spec.arch,
         "batch": spec.batch,
         "classes": spec.classes,
@@ -705,7 +1012,7 @@ def _exit_with_parent() -> None:
 
 
 def silence_original_deprecation_warnings() -> None:
-    # The original calls torch.cuda.amp.autocast, deprecated in recent torch: one warning per
+    # The authors' code (backup/ and code/) calls torch.cuda.amp.autocast, deprecated in recent torch: one warning per
     # call site, which would interleave with the progress lines.
     warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.cuda\.amp\.autocast")
 

@@ -1,7 +1,7 @@
 """The ``isnet-fast`` command line.
 
-Subcommands: ``bench`` (speed and memory of IsDenseFast against the gradient floor and the
-original ISNet code), ``demo`` (an ISNet that learns to ignore a background shortcut) and
+Subcommands: ``bench`` (speed and memory of IsDenseFast and its variants against the gradient
+floors, a plain training step, the original ISNet code and the authors' Selective ISNet), ``demo`` (an ISNet that learns to ignore a background shortcut) and
 ``explain`` (heatmap PNGs for images). Each subcommand adds its parser in an ``_add_<name>_parser`` function and
 sets ``handler``, a function of the parsed arguments returning the exit code.
 
@@ -65,16 +65,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 BENCH_DESCRIPTION = """\
-Times IsDenseFast on synthetic images with random weights, next to the floor (plain autograd
-gradients w.r.t. the input, one per class) and, given the original ISNet LRP-Block code, the
-original IsDense. Cases: explain (forward + heatmaps, no grad, eval mode), train (forward,
-heatmaps, 0.3 * cross-entropy + 0.7 * heatmap loss, backward, SGD step, train mode) and their
-floors. Without options it runs a default sized for the device found. All ratios are taken
-within this run.
+Times IsDenseFast on synthetic images with random weights, next to the floors (plain autograd
+gradients w.r.t. the input, one per map), a plain DenseNet training step and, given the authors'
+code (--reference), the original IsDense and the authors' Selective ISNet. Cases: explain
+(forward + heatmaps, no grad, eval mode), train (forward, heatmaps, 0.3 * cross-entropy + 0.7 *
+heatmap loss, backward, SGD step, train mode), their floors, and train-plain (forward,
+cross-entropy, backward, SGD: no heatmaps). Without options it runs a default sized for the
+device found. All ratios are taken within this run.
+
+Variants of ours: --explain picks which maps IsDenseFast computes (all: one per class, the
+original ISNet; top, lowest, random (Stochastic ISNet), sum: one map) and --selective whether it
+explains the class-selective quantity; the Selective ISNet is --explain lowest --selective.
+Each case is compared with the floor of its own number of maps (K for all, 1 for the one-map
+variants). The original runs next to ours with all maps, the authors' Selective ISNet next to
+ours Selective. --variants runs the standard comparison in one command: ours with all maps, ours
+Selective, the original, the authors' Selective ISNet, the floors for K and 1 maps and
+train-plain, for example
+
+  isnet-fast bench --variants --reference /path/to/ISNet --classes 10
+  isnet-fast bench --variants --reference /path/to/ISNet --sweep classes --sweep-values 2 10 40 \\
+      --cases explain train --batch 1 --plot sweep.png
+
+Columns: x floor (time over the floor with the same number of maps), x plain (a train case's
+time over train-plain's), vs original and vs authors' sel. (their time over ours, same variant).
 
 On the CPU each case runs in its own process, so that its peak RSS is its own; on CUDA peak
 memory is torch.cuda.max_memory_allocated.
 """
+
+SELECTIVE_CHOICES = {"off": (False,), "on": (True,), "both": (False, True)}
 
 
 def _add_bench_parser(subparsers) -> None:
@@ -88,18 +107,31 @@ def _add_bench_parser(subparsers) -> None:
                             "(growth 4, blocks 2-2-2-2) for checking the tooling, not for figures")
     model.add_argument("--batch", type=positive_int, help="images per batch (default: 2 on CPU, 8 on CUDA)")
     model.add_argument("--classes", type=positive_int, nargs="+", metavar="N",
-                       help="number(s) of classes, one heatmap each (default: 2 on CPU, 2 10 on CUDA)")
+                       help="number(s) of classes K (default: 2 on CPU, 2 10 on CUDA)")
     model.add_argument("--size", type=positive_int, help="image side in pixels (default 224)")
     model.add_argument("--dtype", choices=tuple(bm.DTYPES), default="float32",
                        help="weights and images (default float32; bfloat16 and float16 only on CUDA)")
     model.add_argument("--cases", nargs="+", choices=bm.CASES, default=list(bm.CASES), metavar="CASE",
                        help=f"subset of {', '.join(bm.CASES)} (default: all)")
+    model.add_argument("--explain", nargs="+", choices=bm.EXPLAIN_MODES, metavar="MODE",
+                       help=f"which maps IsDenseFast computes, one or more of {', '.join(bm.EXPLAIN_MODES)}: all "
+                            "(one per class, the original ISNet; default), top / lowest (the argmax / argmin "
+                            "logit's), random (Stochastic ISNet), sum (all logits in one map)")
+    model.add_argument("--selective", nargs="?", const="on", choices=tuple(SELECTIVE_CHOICES), metavar="off|on|both",
+                       help="explain the class-selective quantity: off (default), on (alone: --selective), or "
+                            "both (each --explain mode with and without it; not for sum). The Selective ISNet is "
+                            "--explain lowest --selective")
+    model.add_argument("--variants", action="store_true",
+                       help="the standard comparison: ours with all maps and ours Selective (selective lowest), "
+                            "next to the original and the authors' Selective ISNet (with --reference), the floors "
+                            "for K and 1 maps and train-plain (use instead of --explain/--selective)")
     model.add_argument("--backend", choices=bm.BACKENDS, default="auto",
                        help="IsDenseFast kernels: auto (Triton on CUDA, torch ops on CPU), torch or triton")
     model.add_argument("--reference", metavar="PATH",
-                       help="folder with the original ISNet LRP-Block code (ISNetLayers.py, ISNetFunctions.py, "
-                            f"LRPDenseNet.py, globals.py), to measure it too (default: ${bm.REFERENCE_ENV})")
-    model.add_argument("--no-reference", action="store_true", help=f"do not measure the original, even if "
+                       help="the authors' code, to measure it too (default: $" + bm.REFERENCE_ENV + "): a checkout "
+                            "of the ISNet repository (github.com/PedroRASB/ISNet; its backup/ holds the original, "
+                            "its code/ the Selective ISNet), or its backup/ folder alone (the original only)")
+    model.add_argument("--no-reference", action="store_true", help=f"do not measure the authors' code, even if "
                                                                    f"${bm.REFERENCE_ENV} is set")
     run = parser.add_argument_group("how to measure")
     run.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
@@ -114,22 +146,29 @@ def _add_bench_parser(subparsers) -> None:
                        help="the values to sweep (default: --classes when it lists several, else a ladder "
                             "for the device)")
     sweep.add_argument("--plot", metavar="FILE.png",
-                       help="where the sweep's plot goes (default: isnet-fast-sweep-<axis>.png; needs matplotlib)")
+                       help="where the sweep's plot goes, one line per case and variant (default: "
+                            "isnet-fast-sweep-<axis>.png; needs matplotlib)")
     output = parser.add_argument_group("output")
     output.add_argument("--json", metavar="FILE", help="also write every figure and the environment to FILE")
 
 
 def run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    settings, classes, sweep_values = _validated_settings(args, parser)
-    reference = settings["reference"]
-    specs = _bench_specs(args, settings, classes, sweep_values, with_original=reference is not None)
+    settings, classes, sweep_values, references = _validated_settings(args, parser)
+    variants, notes = _variants(args, parser, classes)
+    original = references.original if bm.ORIGINAL_VARIANT in variants else None
+    selective_reference = references.selective_reference if bm.SELECTIVE_ISNET in variants else None
+    notes += _reference_notes(args, references, variants)
+    specs = _bench_specs(args, settings, classes, sweep_values, variants, original, selective_reference)
     device = torch.device(settings["device"])
     if device.type == "cpu" and args.threads:
         torch.set_num_threads(args.threads)
-    loaded_reference = None
-    if reference is not None and device.type == "cuda":  # CUDA cases run in this process
+    loaded = {}
+    if device.type == "cuda":  # CUDA cases run in this process
         try:
-            loaded_reference = bm.load_reference(reference)
+            if original:
+                loaded["original"] = bm.load_reference(original)
+            if selective_reference:
+                loaded["selective_reference"] = bm.load_selective_reference(selective_reference)
         except bm.ReferenceFolderError as error:
             parser.error(str(error))
 
@@ -143,7 +182,7 @@ def run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             axes = ", ".join(f"{axis} {getattr(spec, axis)}" for axis in _table_axes(args))
             _progress(f"[{index}/{len(specs)}] {axes}: {spec.label} ...", end="")
             case_started = time.perf_counter()
-            result = bm.measure(spec, loaded_reference)
+            result = bm.measure(spec, loaded.get(spec.implementation))
             if result.error:
                 _progress(f" failed: {result.error}")
             else:
@@ -153,11 +192,9 @@ def run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     _progress(f"done in {wall_time:.0f} s")
 
     comparisons = bm.compare(results)
-    notes = []
-    if reference is None:
-        notes.append(f"original: not measured; pass --reference PATH or {bm.REFERENCE_HINT}.")
     print(_header(settings, device, args))
     print(format_table(comparisons, _table_axes(args)))
+    print(RATIO_LEGEND)
     plot_path = None
     if args.sweep:
         plot_path, plot_note = _write_sweep_plot(comparisons, args.sweep,
@@ -172,6 +209,9 @@ def run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             "command_line": args.command_line,
             "environment": bm.environment_info(device),
             "settings": dict(settings, classes=list(classes), cases=list(args.cases),
+                             variants=[{"explain": e, "selective": s, "name": bm.variant_name(e, s)}
+                                       for e, s in variants],
+                             reference=original, selective_reference=selective_reference,
                              sweep=args.sweep, sweep_values=list(sweep_values) if sweep_values else None),
             "results": [bm.comparison_record(c) for c in comparisons],
             "wall_time_s": wall_time,
@@ -187,8 +227,60 @@ def run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
+RATIO_LEGEND = ("x floor: time / the floor with the same maps per image (K for all maps, 1 for one map); "
+                "x plain: time / train-plain; vs original, vs authors' sel.: their time / ours, same variant.")
+
+
+def _variants(args, parser, classes):
+    """The (explain, selective) variants of ours to run, and notes on any left out for some K."""
+    if args.variants:
+        if args.explain or args.selective:
+            parser.error("--variants picks its own variants (ours with all maps, and selective lowest); "
+                         "leave out --explain and --selective, or drop --variants")
+        candidates = list(bm.STANDARD_VARIANTS)
+    else:
+        selective = args.selective or "off"
+        explains = list(dict.fromkeys(args.explain or ["all"]))
+        if selective == "on" and "sum" in explains:
+            parser.error("--selective explains one class per map and cannot explain 'sum'; drop sum from "
+                         "--explain or use --selective both")
+        candidates = [(explain, flag) for explain in explains for flag in SELECTIVE_CHOICES[selective]
+                      if not (flag and explain == "sum")]
+    notes = []
+    for explain, selective in candidates:
+        left_out = [k for k in classes if not bm.variant_is_valid(explain, selective, k)]
+        if len(left_out) == len(classes):
+            try:
+                bm.check_variant(explain, selective, classes[0])
+            except (ValueError, TypeError) as error:
+                parser.error(f"{bm.variant_name(explain, selective)}: {error}")
+        if left_out:
+            notes.append(f"{bm.variant_name(explain, selective)}: not run for {', '.join(map(str, left_out))} "
+                         f"class(es) (it needs at least two).")
+    return candidates, notes
+
+
+def _reference_notes(args, references, variants) -> List[str]:
+    """One line per reference implementation that was not measured, and why."""
+    notes = []
+    given = _reference_folder(args) is not None
+    if bm.ORIGINAL_VARIANT in variants and references.original is None:
+        notes.append(references.note if given and references.note else
+                     f"original: not measured; pass --reference PATH or {bm.REFERENCE_HINT}.")
+    if bm.SELECTIVE_ISNET in variants and references.selective_reference is None:
+        notes.append(references.note if given and references.note else
+                     f"authors' Selective ISNet: not measured; pass --reference PATH or {bm.SELECTIVE_REFERENCE_HINT}.")
+    if references.original and bm.ORIGINAL_VARIANT not in variants:
+        notes.append("original: not measured; it computes all maps: add --explain all (or use --variants).")
+    if references.selective_reference and bm.SELECTIVE_ISNET not in variants:
+        notes.append("authors' Selective ISNet: not measured; it is ours with --explain lowest --selective "
+                     "(or use --variants).")
+    return list(dict.fromkeys(notes))
+
+
 def _validated_settings(args, parser):
-    """The CaseSpec settings, the classes and the sweep values; parser.error (exit 2) on bad options."""
+    """The CaseSpec settings, the classes, the sweep values and the authors' code found
+    (bm.ReferenceFolders); parser.error (exit 2) on bad options."""
     try:
         device = bm.resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except ValueError as error:
@@ -227,12 +319,12 @@ def _validated_settings(args, parser):
     if min(sizes) < smallest:
         parser.error(f"image size {min(sizes)} is too small for {args.arch}: every side must be at least "
                      f"{smallest} pixels")
-    settings["reference"] = None
+    references = bm.ReferenceFolders(None, None)
     reference = _reference_folder(args)
     if reference is not None:
         source, folder = reference
         try:
-            settings["reference"] = str(bm.check_reference_folder(folder))
+            references = bm.find_references(folder)
         except bm.ReferenceFolderError as error:
             parser.error(f"{source}: {error}")
     for option, path in (("--json", args.json), ("--plot", args.plot)):
@@ -240,11 +332,11 @@ def _validated_settings(args, parser):
             parser.error(f"{option} {path}: that is a folder; name a file")
         if path and not Path(path).resolve().parent.is_dir():
             parser.error(f"{option} {path}: the folder {str(Path(path).parent)!r} does not exist")
-    return settings, classes, sweep_values
+    return settings, classes, sweep_values, references
 
 
 def _reference_folder(args):
-    """(where it was given, folder) of the original's code, or None when it is not to be measured."""
+    """(where it was given, path) of the authors' code, or None when it is not to be measured."""
     if args.no_reference:
         return None
     if args.reference:
@@ -254,13 +346,14 @@ def _reference_folder(args):
     return None
 
 
-def _bench_specs(args, settings, classes, sweep_values, with_original) -> List[bm.CaseSpec]:
+def _bench_specs(args, settings, classes, sweep_values, variants, original, selective_reference) -> List[bm.CaseSpec]:
+    references = dict(variants=variants, original=original, selective_reference=selective_reference)
     if args.sweep in ("batch", "size"):
         specs = []
         for value in sweep_values:
-            specs += bm.case_specs(args.cases, classes, with_original, **dict(settings, **{args.sweep: value}))
+            specs += bm.case_specs(args.cases, classes, **references, **dict(settings, **{args.sweep: value}))
         return specs
-    return bm.case_specs(args.cases, classes, with_original, **settings)
+    return bm.case_specs(args.cases, classes, **references, **settings)
 
 
 def _table_axes(args) -> List[str]:
@@ -300,12 +393,26 @@ def format_memory(n_bytes: Optional[int]) -> str:
     return f"{mib / 1024:.1f} GiB" if mib >= 10 * 1024 else f"{mib:.0f} MiB"
 
 
+def _ratio(value: Optional[float], speedup: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2f}x" if speedup else f"{value:.2f}"
+
+
 def format_table(comparisons: Sequence[bm.Comparison], axes: Sequence[str]) -> str:
-    """A plain-text table: the axes, case, ms per batch, images/s, peak memory, ratio to the floor, speedup."""
+    """A plain-text table: the axes, case (with its variant), ms per batch, images/s, peak memory,
+    the ratios to the floor and to train-plain, and the speedups against the authors' code.
+
+    The "x plain" and "vs authors' sel." columns appear when a row has train-plain or the authors'
+    Selective ISNet to be compared with.
+    """
     memory_kinds = {c.result.memory_kind for c in comparisons if c.result.memory_kind}
     memory_title = "peak RSS" if memory_kinds == {"peak RSS"} else (
         "peak CUDA mem" if memory_kinds == {"max_memory_allocated"} else "peak memory")
-    titles = [*axes, "case", "ms/batch", "images/s", memory_title, "x floor", "vs original"]
+    with_plain = any(c.result.spec.case == "train-plain" for c in comparisons)
+    with_selective = any(c.result.spec.implementation == "selective_reference" for c in comparisons)
+    titles = [*axes, "case", "ms/batch", "images/s", memory_title, "x floor"]
+    titles += ["x plain"] * with_plain + ["vs original"] + ["vs authors' sel."] * with_selective
     rows = []
     for comparison in comparisons:
         result = comparison.result
@@ -314,9 +421,10 @@ def format_table(comparisons: Sequence[bm.Comparison], axes: Sequence[str]) -> s
             cells += ["failed: " + result.error]
         else:
             cells += [f"{result.median_s * 1e3:.1f}", f"{result.images_per_s:.2f}",
-                      format_memory(result.peak_memory_bytes),
-                      "-" if comparison.floor_ratio is None else f"{comparison.floor_ratio:.2f}",
-                      "-" if comparison.speedup_vs_original is None else f"{comparison.speedup_vs_original:.2f}x"]
+                      format_memory(result.peak_memory_bytes), _ratio(comparison.floor_ratio)]
+            cells += [_ratio(comparison.plain_ratio)] * with_plain
+            cells += [_ratio(comparison.speedup_vs_original, speedup=True)]
+            cells += [_ratio(comparison.speedup_vs_selective_reference, speedup=True)] * with_selective
         rows.append(cells)
     left_aligned = set(range(len(axes), len(axes) + 1))  # the case names
     widths = [max([len(titles[i])] + [len(r[i]) for r in rows if len(r) > i and not r[i].startswith("failed")])
@@ -334,12 +442,9 @@ def format_table(comparisons: Sequence[bm.Comparison], axes: Sequence[str]) -> s
     return "\n".join([line(titles)] + [line(r) for r in rows])
 
 
-def _write_sweep_plot(comparisons: Sequence[bm.Comparison], axis: str, path: str, title: str):
-    """Writes time and peak memory against the swept axis; returns (path or None, a note for the user)."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        return None, "matplotlib is not installed, so no plot was written (pip install matplotlib)."
+def _sweep_series(comparisons: Sequence[bm.Comparison], axis: str) -> Dict[str, List]:
+    """The sweep's lines: one per case, implementation and variant (the table's label), each a
+    list of (axis value, ms per batch, peak MiB); failed cases are left out."""
     series: Dict[str, List] = {}
     several_classes = len({c.result.spec.classes for c in comparisons}) > 1 and axis != "classes"
     for comparison in comparisons:
@@ -349,17 +454,40 @@ def _write_sweep_plot(comparisons: Sequence[bm.Comparison], axis: str, path: str
         name = result.spec.label + (f", {result.spec.classes} classes" if several_classes else "")
         series.setdefault(name, []).append((getattr(result.spec, axis), result.median_s * 1e3,
                                             (result.peak_memory_bytes or 0) / 2**20))
-    figure = Figure(figsize=(11, 4.5), layout="constrained")
+    return series
+
+
+def _write_sweep_plot(comparisons: Sequence[bm.Comparison], axis: str, path: str, title: str):
+    """Writes time and peak memory against the swept axis; returns (path or None, a note for the user)."""
+    try:
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import NullLocator
+    except ImportError:
+        return None, "matplotlib is not installed, so no plot was written (pip install matplotlib)."
+    series = _sweep_series(comparisons, axis)
+    figure = Figure(figsize=(12, 5), layout="constrained")
     time_axes, memory_axes = figure.subplots(1, 2)
-    for name, points in series.items():
+    for index, (name, points) in enumerate(series.items()):
         xs, times, memories = zip(*points)
-        time_axes.plot(xs, times, marker="o", label=name)
-        memory_axes.plot(xs, memories, marker="o", label=name)
+        # Ours solid, the authors' code dashed, floors and the plain step dotted.
+        style = "--" if name.endswith(("(original)", "(authors' selective)")) else (
+            ":" if "-floor" in name or "-plain" in name else "-")
+        colour = f"C{index % 10}"
+        time_axes.plot(xs, times, marker="o", linestyle=style, color=colour, label=name)
+        memory_axes.plot(xs, memories, marker="o", linestyle=style, color=colour, label=name)
     values = sorted({getattr(c.result.spec, axis) for c in comparisons})
+    all_times = [t for points in series.values() for _, t, _ in points]
+    if all_times and min(all_times) > 0 and max(all_times) / min(all_times) > 20:
+        time_axes.set_yscale("log")  # explain, train and the authors' code differ by orders of magnitude
     time_axes.set(xlabel=axis, ylabel="ms per batch", title="time per batch (median)", xticks=values)
     memory_kind = comparisons[0].result.memory_kind if comparisons else ""
     memory_axes.set(xlabel=axis, ylabel="MiB", title=memory_kind or "peak memory", xticks=values)
-    time_axes.legend(fontsize="small")
+    if len(values) > 2 and values[-1] / values[0] > 10:  # 2, 10, 40 classes: spread them evenly
+        for panel in (time_axes, memory_axes):
+            panel.set_xscale("log")
+            panel.set_xticks(values, [str(v) for v in values])
+            panel.xaxis.set_minor_locator(NullLocator())
+    time_axes.legend(fontsize="x-small")
     figure.suptitle(title)
     figure.savefig(path, dpi=120)
     return path, f"plot: {path}"

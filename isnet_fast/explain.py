@@ -24,7 +24,9 @@ import torch.nn as nn
 from .argtypes import positive_int
 from .devices import resolve_device
 from .densenet import convert_torchvision_state_dict, densenet121, densenet161, densenet169, densenet201
-from .model import IsDenseFast
+from .forward import minimum_input_size
+from .model import IsDenseFast, load_checkpoint_file
+from .structure import build_plan
 from .training import build_densenet
 
 __all__ = [
@@ -186,9 +188,16 @@ def _read_checkpoint(path: str) -> Mapping[str, Any]:
     if not Path(path).is_file():
         raise ExplainError(f"checkpoint {path} does not exist")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many kinds for a corrupt or foreign file
-        raise ExplainError(f"cannot read checkpoint {path}: {_first_line(error)}") from error
+        checkpoint = load_checkpoint_file(path, map_location="cpu")  # says what is wrong with a broken file
+    except ValueError as error:
+        text = _first_line(error)
+        if text.startswith(str(path)):  # the message names the file: once is enough
+            text = "the file" + text[len(str(path)):]
+        raise ExplainError(f"cannot read checkpoint {path}: {text}") from None
+    except Exception as error:  # anything else torch raises: its first line, never its weights_only advice
+        text = _first_line(error)
+        raise ExplainError(f"cannot read checkpoint {path}: "
+                           f"{text if 'weights_only' not in text else type(error).__name__}") from None
     state_dict = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, Mapping) else None
     if not isinstance(state_dict, Mapping) or not all(torch.is_tensor(v) for v in state_dict.values()):
         raise ExplainError(f"checkpoint {path} holds no state dict (expected a dict of tensors or "
@@ -349,7 +358,10 @@ def explain_images(args: argparse.Namespace) -> List[str]:
     model, checkpoint = load_explained_model(args.checkpoint, args.arch, args.classes)
     # LRP settings: the options, else those the checkpoint was trained with, else the original's.
     trained_with = checkpoint.get("isdensefast") if isinstance(checkpoint.get("isdensefast"), Mapping) else {}
-    model.e = args.e if args.e is not None else float(trained_with.get("e", 1e-2))
+    try:
+        model.e = args.e if args.e is not None else float(trained_with.get("e", 1e-2))
+    except (TypeError, ValueError) as error:
+        raise ExplainError(f"--e: {_first_line(error)}") from None
     model.Zb = args.zb if args.zb is not None else bool(trained_with.get("Zb", True))
     n_classes = model.DenseNet.classifier.out_features if isinstance(model.DenseNet.classifier, nn.Linear) \
         else model.DenseNet.classifier[-1].out_features
@@ -361,6 +373,12 @@ def explain_images(args: argparse.Namespace) -> List[str]:
         size = tuple(int(s) for s in checkpoint["image_size"])
     # Read every image before the first heatmap, so a bad path fails at once.
     images = [read_image(path, size) for path in args.images]
+    smallest = minimum_input_size(build_plan(model.DenseNet, model.reference_pairing))
+    for path, image in zip(args.images, images):
+        height, width = image.shape[-2:]
+        if min(height, width) < smallest:
+            raise ExplainError(f"image {path} is {height}x{width} pixels, too small for this DenseNet: every side "
+                               f"must be at least {smallest}; resize it, e.g. with --size {max(smallest, 32)}")
     names = _output_stems(args.images)
     model = model.to(device)
     out = Path(args.out)
@@ -369,8 +387,11 @@ def explain_images(args: argparse.Namespace) -> List[str]:
     lines = [f"LRP with e={model.e:g} and the {'z^B' if model.Zb else 'epsilon'} rule at the input; "
              f"{n_classes} classes; images at {tuple(images[0].shape[-2:]) if size else 'their own size'}"]
     for path, stem, image in zip(args.images, names, images):
-        with torch.no_grad():
-            logits, heatmaps = model(image[None].to(device))
+        try:
+            with torch.no_grad():
+                logits, heatmaps = model(image[None].to(device))
+        except (TypeError, ValueError) as error:  # the model's input checks: one line, as every other error
+            raise ExplainError(f"image {path}: {_first_line(error)}") from None
         logits, heatmaps = logits[0].cpu(), heatmaps[0].cpu()
         top = int(logits.argmax())
         if args.all_classes:

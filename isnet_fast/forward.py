@@ -55,7 +55,8 @@ def check_input(x: torch.Tensor, plan: DenseNetPlan, check_finite: bool = True) 
 
     With ``check_finite`` it also rejects images holding NaN or Inf (one device sync): in
     training their batch statistics would turn every image's outputs, and the BatchNorms'
-    running statistics, into NaN.
+    running statistics, into NaN. Inside ``torch.compile`` that check is left out: its host sync
+    would split the graph.
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"expected a torch.Tensor of images, got {type(x).__name__}")
@@ -83,7 +84,7 @@ def check_input(x: torch.Tensor, plan: DenseNetPlan, check_finite: bool = True) 
     if x.shape[-2] < smallest or x.shape[-1] < smallest:
         raise ValueError(f"images of {x.shape[-2]}x{x.shape[-1]} are too small for this DenseNet: every side "
                          f"must be at least {smallest} pixels so that each transition has a pixel left to pool")
-    if check_finite:
+    if check_finite and not torch.compiler.is_compiling():
         finite = torch.isfinite(x).flatten(1).all(1)
         if not bool(finite.all()):  # the one sync; the rest only on the error path
             bad = (~finite).nonzero().flatten()

@@ -1,18 +1,26 @@
 """ISNet heatmap (background-relevance) loss.
 
 A vectorised re-implementation of ISNet's ``LRPLossCEValleysGWRP``: same
-arguments, same defaults and the same numbers, without prints and with at most
-one host sync (the binary-mask check). It also takes the options of the
-authors' newer loss (``code/ISNetFunctionsZe.py``): ``alternativeForeground``,
-string ``norm`` values and masks of another size than the heatmap.
+arguments, same defaults and the same numbers, without prints and with one
+host sync (the checks of the mask's values and of the heatmap's finiteness).
+Arguments the original silently turns into NaN or a constant without gradient
+(``cut <= 0``, ``E <= 0``, ``d`` outside (0, 1], all-NaN heatmaps) raise
+instead. It also takes the options of the authors' newer loss
+(``code/ISNetFunctionsZe.py``): ``alternativeForeground``, string ``norm``
+values and masks of another size than the heatmap.
 """
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["heatmap_loss"]
+__all__ = ["NonFiniteHeatmapError", "heatmap_loss"]
+
+
+class NonFiniteHeatmapError(ValueError):
+    """The heatmaps hold no finite value at all (every entry NaN or Inf): there is nothing to train on."""
 
 # GWRP tail terms smaller than this fraction of the pooled value are dropped
 # (far below float32 resolution, 2**-24), so a partial top-k can replace a full sort.
@@ -86,23 +94,69 @@ def _norm_mode(norm, var, normRoI):
 
 
 def _prepare_mask(mask, heatmap):
-    """Float32 binary mask at the heatmap's H x W (resized as the newer reference)."""
+    """Float32 binary mask at the heatmap's H x W (resized as the newer reference), and a 0-d bool
+    tensor that is False when the mask holds other values than 0 and 1 (None when not checked)."""
     hh, ww = heatmap.shape[-2:]
     if mask.shape[-2:] != (hh, ww):
         # Adaptive average pooling to H x W, then any foreground in a cell makes it foreground.
         lead, (mh, mw) = mask.shape[:-2], mask.shape[-2:]
         pooled = F.adaptive_avg_pool2d(mask.float().reshape(-1, mh, mw), (hh, ww))
-        return (pooled != 0).float().reshape(*lead, hh, ww)
+        return (pooled != 0).float().reshape(*lead, hh, ww), None
     if mask.dtype == torch.bool:
-        return mask.float()
+        return mask.float(), None
     mask = mask.float()
-    if not ((mask == 0) | (mask == 1)).all():  # the one host sync
-        bad = mask[(mask != 0) & (mask != 1)][0].item()
+    return mask, ((mask == 0) | (mask == 1)).all()
+
+
+def _binary_mask_error(mask):
+    bad = mask[(mask != 0) & (mask != 1)][0].item()
+    return ValueError(
+        f"mask must hold only 0 (background) and 1 (foreground); found {bad:g}.\n"
+        "For a 0/255 mask divide it by 255, for a soft mask threshold it (e.g. (mask > 0.5).float())."
+    )
+
+
+_MEANINGS = {
+    "cut": "the lower bound C1 on each class's foreground relevance, which also scales the foreground loss "
+           "(1/cut**2): it must be finite and > 0, e.g. cut=1",
+    "cut2": "the upper bound C2 on each class's foreground relevance: it must be finite and > 0, e.g. cut2=25",
+    "E": "the background activation's constant, g / (g + E): it must be finite and > 0, e.g. E=1",
+}
+
+
+def _check_number(name, value):
+    """Raises unless a float argument is finite and > 0; tensors are checked with the one host sync."""
+    if torch.is_tensor(value):
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        per_class = " or a 1-D per-class tensor (torch.tensor([...]))" if name != "E" else ""
+        raise TypeError(f"{name} must be a number{per_class}, got {type(value).__name__}")
+    if not value > 0 or math.isinf(value):
+        raise ValueError(f"{name}={value!r}: {_MEANINGS[name]}")
+
+
+def _check_decay(d):
+    if isinstance(d, bool) or not isinstance(d, numbers.Real):
+        raise TypeError(f"d must be a number in (0, 1], got {type(d).__name__}")
+    if not 0 < d <= 1:
         raise ValueError(
-            f"mask must hold only 0 (background) and 1 (foreground); found {bad:g}.\n"
-            "For a 0/255 mask divide it by 255, for a soft mask threshold it (e.g. (mask > 0.5).float())."
+            f"d={d!r}: the GWRP decay must be in (0, 1] (d=1 is the plain mean of the background, smaller d "
+            "weighs its largest relevance more; d > 1 overflows to NaN)"
         )
-    return mask
+
+
+def _cut_order_error(low, high):
+    return ValueError(
+        f"cut2 must be >= cut, the foreground relevance range [cut, cut2] is empty: got cut={_values(low)}, "
+        f"cut2={_values(high)}"
+    )
+
+
+def _values(t):
+    """A per-class tensor or a float, short, for messages."""
+    values = t.flatten().tolist()
+    text = ", ".join(f"{v:g}" for v in values[:4]) + (", ..." if len(values) > 4 else "")
+    return text if len(values) == 1 else f"[{text}]"
 
 
 def _check_args(heatmap, mask, reduction, multiMask, alternativeCut, cut):
@@ -207,8 +261,16 @@ def heatmap_loss(heatmap, mask, cut=1, cut2=25, reduction='mean', norm=True, A=1
     by the signed mean inside the mask, +inf by the largest and -inf by the
     smallest finite value).
 
-    The binary-mask check costs one host sync; bool masks and resized masks
-    skip it.
+    Checks: ``cut``, ``cut2`` and ``E`` must be > 0 and ``d`` in (0, 1] (``d=1``
+    pools the background by its plain mean), and ``cut2 >= cut`` (per class;
+    not with ``alternativeCut``, whose ``cut`` bounds the sum over classes),
+    else ValueError naming the argument. Heatmaps without a single finite value
+    (all NaN or Inf, e.g. from a diverged model) raise
+    :class:`NonFiniteHeatmapError` (a ValueError): there the replacements above
+    would give a constant loss without gradient. Partly non-finite heatmaps
+    are replaced as described. The checks of tensor values (the mask's 0/1
+    values, the heatmap's finiteness, per-class ``cut``/``cut2``/``E``) share
+    one host sync.
 
     As in the original, a per-class tensor ``cut`` with ``alternativeForeground='L2'``
     divides the per-image foreground loss by ``cut**2`` through plain broadcasting
@@ -221,6 +283,9 @@ def heatmap_loss(heatmap, mask, cut=1, cut2=25, reduction='mean', norm=True, A=1
     newer reference repeats it over the channels first.
     """
     _check_args(heatmap, mask, reduction, multiMask, alternativeCut, cut)
+    for name, value in (("cut", cut), ("cut2", cut2), ("E", E)):
+        _check_number(name, value)
+    _check_decay(d)
     foreground = _foreground_mode(alternativeForeground)
     norm_mode = _norm_mode(norm, var, normRoI)
     n_batch, n_classes, ch, hh, ww = heatmap.shape
@@ -234,7 +299,39 @@ def heatmap_loss(heatmap, mask, cut=1, cut2=25, reduction='mean', norm=True, A=1
         )
 
     with torch.autocast(device_type=heatmap.device.type, enabled=False):
-        mask = _prepare_mask(mask, heatmap)
+        original_mask = mask
+        mask, binary = _prepare_mask(mask, heatmap)
+        # Every check of tensor values in one host sync; the messages are built on the error path only.
+        checks = {"finite": torch.isfinite(heatmap).any()}
+        if binary is not None:
+            checks["binary"] = binary
+        tensors = {"cut": low if torch.is_tensor(cut) else None, "cut2": high if torch.is_tensor(cut2) else None,
+                   "E": E.detach().to(heatmap.device) if torch.is_tensor(E) else None}
+        for name, value in tensors.items():
+            if value is not None:
+                checks[name] = ((value > 0) & torch.isfinite(value)).all()
+        if not alternativeCut:
+            if tensors["cut"] is not None or tensors["cut2"] is not None:
+                checks["order"] = (high >= low).all()
+            elif cut2 < cut:
+                raise _cut_order_error(low, high)
+        flags = torch.stack([flag.to(heatmap.device) for flag in checks.values()])
+        passed = dict(zip(checks, flags.tolist()))  # the one host sync
+        if not all(passed.values()):
+            if not passed.get("binary", True):
+                raise _binary_mask_error(original_mask.float())
+            for name, value in tensors.items():
+                if not passed.get(name, True):
+                    bad = value[~((value > 0) & torch.isfinite(value))].flatten()[0].item()
+                    raise ValueError(f"{name} holds {bad:g}: {_MEANINGS[name]}"
+                                     + (" (for every class)" if name != "E" else ""))
+            if not passed.get("order", True):
+                raise _cut_order_error(low, high)
+            raise NonFiniteHeatmapError(
+                f"the heatmaps hold no finite value (all {heatmap.numel()} entries are NaN or Inf): the model's "
+                "relevance pass diverged, usually with its weights (too high a learning rate?) or its inputs; "
+                "check them for NaN"
+            )
         if not multiMask:  # a view; the batch-wide RoI mean below counts it once per class, as the reference
             mask = mask.unsqueeze(1).expand(-1, n_classes, -1, -1, -1)
         background = 1 - mask

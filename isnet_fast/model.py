@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import os
+import pickle
+import re
+import zipfile
 from collections import OrderedDict
-from typing import Mapping, Optional, Union
+from typing import Any, List, Mapping, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -180,7 +184,9 @@ class IsDenseFast(nn.Module):
 
         Keys may carry a ``model.`` prefix (Lightning); the original's duplicate ``LRPBlock.*``
         entries (aliases of the DenseNet's own parameters) and a Lightning module's ``Cweight``
-        are ignored.
+        are ignored. A state dict that does not fit (another architecture, another number of
+        classes) raises :class:`StateDictMismatchError` (a RuntimeError, as torch's, and a
+        ValueError) in a few lines: both architectures, and the first keys that differ.
         """
         cleaned = OrderedDict()
         for key, value in state_dict.items():
@@ -189,6 +195,9 @@ class IsDenseFast(nn.Module):
             if key.startswith("LRPBlock.") or ".LRPBlock." in key or key == "Cweight":
                 continue  # aliases of the DenseNet's weights; the Lightning module's class weights
             cleaned[key] = value
+        problem = state_dict_mismatch(self, cleaned, strict)
+        if problem:
+            raise StateDictMismatchError(problem)
         return super().load_state_dict(cleaned, strict=strict, assign=assign)
 
     @classmethod
@@ -196,15 +205,202 @@ class IsDenseFast(nn.Module):
         """Builds an IsDenseFast around ``DenseNet`` and loads a checkpoint file into it.
 
         Takes a bare state dict, or a dict holding one under ``state_dict`` (Lightning,
-        ``torch.save({'state_dict': ...})``). Keyword arguments go to the constructor.
+        ``torch.save({'state_dict': ...})``). Keyword arguments go to the constructor. A file
+        that is empty, truncated or no torch checkpoint raises a ValueError naming it
+        (:func:`load_checkpoint_file`).
         """
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        checkpoint = load_checkpoint_file(path, map_location=map_location)
         state_dict = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, Mapping) else None
         if not isinstance(state_dict, Mapping):
             raise ValueError(f"{path} holds no state dict; expected a dict of tensors or {{'state_dict': ...}}")
         model = cls(DenseNet, **kwargs)
         model.load_state_dict(state_dict)
         return model
+
+
+class StateDictMismatchError(RuntimeError, ValueError):
+    """A state dict that does not fit the model: another architecture, or another number of classes.
+
+    A RuntimeError, as torch's own ``load_state_dict`` error, and a ValueError (bad input).
+    """
+
+
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format: a zip archive
+_PICKLE_MAGIC = b"\x80"  # torch's legacy format (and plain pickles): pickle protocol 2 or later
+
+
+def load_checkpoint_file(path, map_location="cpu") -> Any:
+    """``torch.load(path, map_location, weights_only=True)``, with errors that say what is wrong with the file.
+
+    A file that is empty, truncated, no torch checkpoint at all, or holds Python objects other
+    than tensors and plain data (which ``weights_only=True`` refuses on purpose: loading them
+    can run code) raises a ValueError naming the file, in one line. A missing file raises
+    FileNotFoundError, as ``open`` does.
+    """
+    name = os.fspath(path) if isinstance(path, (str, os.PathLike)) else "the checkpoint"
+    head, size = _file_head(path)
+    if size == 0:
+        raise ValueError(f"{name} is empty (0 bytes), not a torch checkpoint: was its writing interrupted? "
+                         "Use a complete copy")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # torch raises many kinds for a broken or foreign file
+        problem = _load_problem(path, name, head, error)
+        if problem is None:
+            raise
+        raise ValueError(problem) from None
+
+
+def _file_head(path, n: int = 16):
+    """The first ``n`` bytes of a file (path or seekable file object) and its size; (None, None) if unknown."""
+    if isinstance(path, (str, os.PathLike)):
+        with open(path, "rb") as file:  # FileNotFoundError, IsADirectoryError, PermissionError: clear as they are
+            return file.read(n), os.fstat(file.fileno()).st_size
+    try:
+        position = path.tell()
+        head = path.read(n)
+        end = path.seek(0, os.SEEK_END)
+        path.seek(position)
+        return head, end - position
+    except (AttributeError, OSError, ValueError):
+        return None, None
+
+
+def _zip_intact(path) -> bool:
+    """Whether a zip archive's central directory, at its end, can be read (it cannot when truncated)."""
+    position = None if isinstance(path, (str, os.PathLike)) else path.tell()
+    try:
+        if position is not None:
+            path.seek(position)
+        zipfile.ZipFile(path).close()
+        return True
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        return False
+    finally:
+        if position is not None:
+            with contextlib.suppress(OSError, ValueError):
+                path.seek(position)
+
+
+def _unsafe_global(error: BaseException) -> Optional[str]:
+    """The global a weights-only unpickler refused ('posix.system'), or None."""
+    for candidate in (error, error.__context__, error.__cause__):
+        if candidate is not None:
+            match = re.search(r"GLOBAL ([\w.]+)", str(candidate))
+            if match:
+                return match.group(1)
+    return None
+
+
+def _load_problem(path, name: str, head: Optional[bytes], error: BaseException) -> Optional[str]:
+    """What is wrong with a file ``torch.load`` failed on, in one line; None for errors that are not the file's."""
+    intact = "Use a complete copy, or save it again"
+    if head is not None and head.startswith(_ZIP_MAGIC):
+        if not _zip_intact(path):
+            return f"{name} is truncated or corrupt (an incomplete zip archive: was its writing interrupted?). " \
+                   f"{intact}"
+        refused = _unsafe_global(error)
+        if refused is not None:
+            return (f"{name} holds Python objects other than tensors and plain data ({refused}), which are not "
+                    "loaded: unpickling them could run code. Save a state dict (model.state_dict()) instead")
+        if "TorchScript" in str(error):
+            return (f"{name} is a TorchScript archive (torch.jit.save), not a checkpoint of tensors: load it with "
+                    "torch.jit.load, or save the model's state_dict() instead")
+        if isinstance(error, (pickle.UnpicklingError, EOFError)):
+            return f"{name} is corrupt: its pickled data cannot be read ({type(error).__name__}). {intact}"
+        if "weights_only" in str(error):  # torch's advice to turn the safety off is not passed on
+            return f"{name} cannot be loaded safely (as tensors and plain data only): {type(error).__name__}"
+        return None  # not the file's fault (a map_location torch cannot use, ...): torch's error says it
+    if head is not None and head.startswith(_PICKLE_MAGIC):  # torch's legacy format
+        refused = _unsafe_global(error)
+        what = f" or holds Python objects other than tensors and plain data ({refused})" if refused else ""
+        return (f"{name} (a legacy-format torch file or a pickle) is truncated or corrupt{what}; it cannot be "
+                f"loaded safely. {intact}")
+    if head is not None:
+        return (f"{name} is not a torch checkpoint: torch.save writes a zip archive (starting b'PK'), this file "
+                f"starts with {head[:12]!r}")
+    refused = _unsafe_global(error)
+    if refused is not None:
+        return f"{name} holds Python objects other than tensors and plain data ({refused}), which are not loaded"
+    text = str(error).strip().splitlines()
+    return f"cannot read {name}: {text[0][:150] if text else type(error).__name__}"
+
+
+def state_dict_mismatch(model: nn.Module, state_dict: Mapping[str, Any], strict: bool = True) -> Optional[str]:
+    """Why ``state_dict`` does not fit ``model``, in a few short lines; None when it fits.
+
+    The keys ``model.load_state_dict(state_dict, strict)`` would refuse (missing or unexpected
+    ones when ``strict``, and any of another shape), counted, with the first two of each, and
+    the architecture each side looks like.
+    """
+    expected = model.state_dict(keep_vars=True)
+    missing = [key for key in expected if key not in state_dict and not key.endswith("num_batches_tracked")]
+    unexpected = [key for key in state_dict if key not in expected]
+    if not strict:
+        missing, unexpected = [], []
+    reshaped = []
+    for key, param in expected.items():
+        if key not in state_dict or isinstance(param, nn.parameter.UninitializedParameter):
+            continue
+        value = state_dict[key]
+        if not torch.is_tensor(value):
+            reshaped.append(f"{_short(key)} is a {type(value).__name__}, not a tensor")
+        elif value.shape != param.shape and not (param.dim() == 0 and tuple(value.shape) == (1,)):
+            reshaped.append(f"{_short(key)} {tuple(value.shape)} vs the model's {tuple(param.shape)}")
+    if not (missing or unexpected or reshaped):
+        return None
+    ours = {key: tuple(value.shape) for key, value in expected.items() if torch.is_tensor(value)}
+    theirs = {key: tuple(value.shape) for key, value in state_dict.items() if torch.is_tensor(value)}
+    lines = [f"the state dict does not fit the model: it looks like {_architecture(theirs)}; "
+             f"the model is {_architecture(ours, model=True)}"]
+    prefix = "DenseNet."
+    if any(key.startswith(prefix) for key in expected) and state_dict and \
+            not any(str(key).startswith(prefix) for key in state_dict):
+        lines.append("its keys lack the 'DenseNet.' prefix: for a bare DenseNet's state dict use "
+                     "model.DenseNet.load_state_dict(state_dict)")
+        return "\n".join(lines)
+    parts = []
+    for what, keys in (("missing", missing), ("unexpected", unexpected)):
+        if keys:
+            parts.append(f"{len(keys)} {what} key{'s' if len(keys) > 1 else ''} ({_first_two(keys)})")
+    if parts:
+        lines.append("; ".join(parts))
+    if reshaped:
+        classifier = [item for item in reshaped if item.startswith("classifier.")]
+        more = f" (and {len(reshaped) - 1} more)" if len(reshaped) > 1 else ""
+        lines.append(f"size mismatch: {(classifier or reshaped)[0]}{more}")
+    return "\n".join(lines)
+
+
+def _short(key) -> str:
+    """A key without the IsDenseFast's 'DenseNet.' prefix, for messages."""
+    key = str(key)
+    return key[len("DenseNet."):] if key.startswith("DenseNet.") else key
+
+
+def _first_two(keys: List[str]) -> str:
+    return ", ".join(_short(key) for key in keys[:2]) + (", ..." if len(keys) > 2 else "")
+
+
+def _architecture(shapes: Mapping[str, tuple], model: bool = False) -> str:
+    """'DenseNet blocks 6-12-24-16, growth 32, classifier 1000x1024', read from the keys' shapes."""
+    keys = {_short(key): shape for key, shape in shapes.items()}
+    blocks = []
+    while f"features.denseblock{len(blocks) + 1}.denselayer1.conv2.weight" in keys:
+        block = f"features.denseblock{len(blocks) + 1}"
+        layers = 1
+        while f"{block}.denselayer{layers + 1}.conv2.weight" in keys:
+            layers += 1
+        blocks.append(layers)
+    classifier = keys.get("classifier.weight", keys.get("classifier.1.weight"))
+    if not blocks:
+        return ("no DenseNet" if model else "no DenseNet (no features.denseblock1.denselayer1.conv2.weight)") + \
+            (f", classifier {classifier[0]}x{classifier[1]}" if classifier and len(classifier) == 2 else "")
+    growth = keys["features.denseblock1.denselayer1.conv2.weight"][0]
+    text = f"{'' if model else 'DenseNet '}blocks {'-'.join(map(str, blocks))}, growth {growth}"
+    if classifier is not None and len(classifier) == 2:
+        text += f", classifier {classifier[0]}x{classifier[1]}"
+    return text
 
 
 def _shown(value) -> str:

@@ -57,7 +57,8 @@ def check_variant(explain: str, selective: bool, num_classes: int) -> None:
 
 
 def check_classes(classes: torch.Tensor, batch: int, num_classes: int) -> None:
-    """Raises for ``classes`` that are not one class index in [0, K) per image."""
+    """Raises for ``classes`` that are not one class index in [0, K) per image (the range check,
+    a host sync, is left out inside ``torch.compile``)."""
     if not isinstance(classes, torch.Tensor):
         raise TypeError(f"classes must be a LongTensor with one class index per image, got {type(classes).__name__}")
     if classes.dtype.is_floating_point or classes.dtype.is_complex or classes.dtype == torch.bool:
@@ -66,7 +67,7 @@ def check_classes(classes: torch.Tensor, batch: int, num_classes: int) -> None:
     if classes.shape != (batch,):
         raise ValueError(f"classes must have shape ({batch},), one class index per image, "
                          f"got {tuple(classes.shape)}")
-    if batch and bool(((classes < 0) | (classes >= num_classes)).any()):
+    if batch and not torch.compiler.is_compiling() and bool(((classes < 0) | (classes >= num_classes)).any()):
         raise ValueError(f"classes must lie in [0, {num_classes}) for a classifier with {num_classes} classes; "
                          f"got values from {int(classes.min())} to {int(classes.max())}")
 
@@ -81,12 +82,12 @@ def stochastic_classes(y: torch.Tensor, generator: Optional[torch.Generator] = N
     batch, num_classes = y.shape
     device = generator.device if generator is not None else torch.device("cpu")
     top = y.detach().argmax(dim=1)
-    heads = bool(torch.rand((), generator=generator, device=device) < 0.5)
-    if heads:
-        return top
+    heads = (torch.rand((), generator=generator, device=device) < 0.5).to(y.device)
     # Uniform over the K - 1 other classes: draw in [0, K - 1) and skip the top class.
     other = torch.randint(0, num_classes - 1, (batch,), generator=generator, device=device).to(y.device)
-    return other + (other >= top).long()
+    other = other + (other >= top).long()
+    # Both sides are drawn and one is kept: no host sync, and torch.compile traces it in one graph.
+    return torch.where(heads, top, other)
 
 
 def explained_classes(y: torch.Tensor, explain: str, classes: Optional[torch.Tensor] = None,

@@ -132,6 +132,7 @@ def build_plan(model: nn.Module, reference_pairing: bool = True) -> DenseNetPlan
         what = f"the class {model.__name__}" if isinstance(model, type) else f"a {type(model).__name__}"
         raise TypeError(f"IsDenseFast takes a DenseNet module, e.g. densenet121(num_classes=3), got {what}"
                         + (" (call it to build the network)" if callable(model) else ""))
+    _refuse_torchvision_densenet(model)
     features = _child(model, "features", "")
     f = "features."
     for name, kind in (("conv0", nn.Conv2d), ("norm0", _BATCHNORMS), ("relu0", nn.ReLU), ("pool0", nn.MaxPool2d),
@@ -211,6 +212,42 @@ def build_plan(model: nn.Module, reference_pairing: bool = True) -> DenseNetPlan
         blocks.append(plan)
         channels = transition.conv.out_channels if transition is not None else start
     return DenseNetPlan(features, classifier_pre, classifier, blocks)
+
+
+# torchvision's DenseNets by (growth rate, layers per block, initial features), for the message below.
+_TORCHVISION_ARCHITECTURES = {
+    (32, (6, 12, 24, 16), 64): "densenet121",
+    (48, (6, 12, 36, 24), 96): "densenet161",
+    (32, (6, 12, 32, 32), 64): "densenet169",
+    (32, (6, 12, 48, 32), 64): "densenet201",
+}
+
+
+def _refuse_torchvision_densenet(model: nn.Module) -> None:
+    """Refuses torchvision's DenseNet (or a copy of its layout) saying how to load its weights into ours."""
+    features = getattr(model, "features", None)
+    children = dict(features.named_children()) if isinstance(features, nn.Module) else {}
+    from_torchvision = type(model).__module__.split(".")[0] == "torchvision" and "DenseNet" in type(model).__name__
+    its_layout = "denseblock1" in children and "norm5" in children and "fReLU" not in children
+    if not (from_torchvision or its_layout):
+        return
+    try:  # the matching constructor of ours, with the classifier's outputs
+        blocks = [block for name, block in children.items() if name.startswith("denseblock")]
+        shape = (blocks[0].denselayer1.conv2.out_channels, tuple(len(list(b.children())) for b in blocks),
+                 children["conv0"].out_channels)
+        classifier = model.classifier[-1] if isinstance(model.classifier, nn.Sequential) else model.classifier
+        classes = classifier.out_features
+        name = _TORCHVISION_ARCHITECTURES.get(shape)
+        build = (f"isnet_fast.{name}(num_classes={classes})" if name else
+                 f"isnet_fast.DenseNet(growth_rate={shape[0]}, block_config={shape[1]}, "
+                 f"num_init_features={shape[2]}, num_classes={classes})")
+    except (AttributeError, IndexError, KeyError, TypeError):
+        build = "isnet_fast.densenet121(num_classes=...)"
+    what = "torchvision's DenseNet" if from_torchvision else "a DenseNet in torchvision's layout"
+    raise UnsupportedModelError(
+        f"IsDenseFast cannot take {what} (in-place ReLUs, no features.fReLU); load its weights into ours: "
+        f"net = {build}; net.load_state_dict(tv_model.state_dict()) (the keys are converted), then "
+        "IsDenseFast(net)")
 
 
 def _block_number(name: str) -> int:

@@ -19,15 +19,23 @@ settings, the DenseNet's configuration (``densenet_config``), the IsDenseFast's 
 which :func:`load_model` and ``isnet-fast explain`` rebuild the model. A resumed run takes the
 variant (explain, selective) from the checkpoint; checkpoints written before the variants existed
 read as the Original ISNet (``explain="all"``, ``selective=False``).
+
+Nothing fails silently: a step whose loss, heatmaps or gradients are not finite stops training
+with a :class:`NonFiniteError` (the checkpoint of the last complete epoch stays as it was), or is
+skipped with ``TrainConfig(skip_nonfinite=True)``; weights that went non-finite are never saved.
+A resume refuses a checkpoint of another run (optimizer and its settings, batch size, data), and
+a checkpoint file that is empty, truncated or no torch checkpoint raises a ValueError naming it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
+import re
 import sys
 import time
 import uuid
@@ -40,11 +48,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .densenet import DenseNet
-from .loss import heatmap_loss
-from .model import IsDenseFast
+from .loss import NonFiniteHeatmapError, heatmap_loss
+from .model import IsDenseFast, load_checkpoint_file
 
 __all__ = [
     "CHECKPOINT_FORMAT",
+    "NonFiniteError",
     "TrainConfig",
     "build_densenet",
     "classification_loss",
@@ -63,6 +72,20 @@ CHECKPOINT_FORMAT = "isnet-fast-training-v1"
 OPTIMIZERS = ("sgd", "adam")
 LR_SCHEDULES = ("constant", "cosine")
 PathLike = Union[str, os.PathLike]
+
+
+class NonFiniteError(RuntimeError):
+    """Training went non-finite: the loss, the heatmaps or the gradients of a step (or the weights
+    after an epoch) hold NaN or Inf.
+
+    ``epoch`` and ``step`` are 1-based; ``what`` is "loss", "heatmaps", "gradients" or "weights".
+    Raised before the optimizer step (or, for the weights, before the checkpoint is written), so
+    the checkpoint of the last complete epoch is left as it was.
+    """
+
+    def __init__(self, message: str, epoch: int, step: int, what: str):
+        super().__init__(message)
+        self.epoch, self.step, self.what = epoch, step, what
 
 
 @dataclasses.dataclass
@@ -92,6 +115,10 @@ class TrainConfig:
             seed it (``torch.manual_seed``) for a reproducible run.
         progress: a progress bar (tqdm, to stderr) or, without tqdm, a line every
             ``log_every`` batches; False for silence.
+        skip_nonfinite: a step whose loss, heatmaps or gradients are not finite is skipped (no
+            optimizer step; the BatchNorm running statistics are put back as they were before
+            it) and counted in the epoch's ``skipped_steps``, instead of stopping training with a
+            :class:`NonFiniteError`. An epoch of nothing but such steps still stops it.
     """
 
     epochs: int = 10
@@ -109,6 +136,7 @@ class TrainConfig:
     progress: bool = True
     log_every: int = 20
     explain_labels: bool = False
+    skip_nonfinite: bool = False
 
     def __post_init__(self):
         if not 0 <= self.P <= 1:
@@ -155,9 +183,14 @@ def compound_loss(logits: torch.Tensor, heatmaps: Optional[torch.Tensor], labels
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor, multilabel: bool = False) -> float:
     """Share of correct top-1 predictions, or of correct 0/1 decisions (logit > 0) when ``multilabel``."""
+    return _accuracy(logits, labels, multilabel).item()
+
+
+def _accuracy(logits: torch.Tensor, labels: torch.Tensor, multilabel: bool = False) -> torch.Tensor:
+    """:func:`accuracy` as a 0-d tensor, without a host sync."""
     if multilabel:
-        return ((logits > 0) == (labels > 0.5)).float().mean().item()
-    return (logits.argmax(1) == labels).float().mean().item()
+        return ((logits > 0) == (labels > 0.5)).float().mean()
+    return (logits.argmax(1) == labels).float().mean()
 
 
 # ----------------------------------------------------------------------------- models
@@ -263,13 +296,15 @@ def save_checkpoint(path: PathLike, checkpoint: Mapping[str, Any]) -> None:
 
     The data go to a temporary file in the same folder, are flushed to disk, and only then
     replace ``path`` (``os.replace`` is atomic on one file system): ``path`` holds either the
-    previous checkpoint or the new one, whole.
+    previous checkpoint or the new one, whole. A failed write removes its temporary file; one
+    left by a process that died while writing (``.NAME.<32 hex digits>.tmp`` beside ``path``) is
+    removed by the next successful save to the same ``path``, so one path must have one writer.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # A fresh name opened exclusively (not tempfile.mkstemp, whose files are private, 0600): the
     # checkpoint gets the permissions any file written here would get.
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    temporary = path.with_name(_temporary_name(path.name, uuid.uuid4().hex))
     try:
         with open(temporary, "xb") as file:
             torch.save(dict(checkpoint), file)
@@ -280,7 +315,26 @@ def save_checkpoint(path: PathLike, checkpoint: Mapping[str, Any]) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
         raise
+    _remove_stale_temporaries(path)
     _fsync_directory(path.parent)
+
+
+def _temporary_name(name: str, token: str) -> str:
+    return f".{name}.{token}.tmp"
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Removes the temporary files of earlier, interrupted saves to ``path`` (its naming only)."""
+    pattern = re.compile(r"\." + re.escape(path.name) + r"\.[0-9a-f]{32}\.tmp\Z")  # _temporary_name's
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return
+    for entry in entries:
+        if pattern.match(entry.name):
+            with contextlib.suppress(OSError):
+                if entry.is_file(follow_symlinks=False):
+                    os.unlink(entry.path)
 
 
 def _fsync_directory(folder: Path) -> None:
@@ -300,8 +354,12 @@ def _fsync_directory(folder: Path) -> None:
 
 
 def load_checkpoint(path: PathLike, map_location="cpu") -> Dict[str, Any]:
-    """Reads a checkpoint written by :func:`train` (tensors and plain data only)."""
-    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    """Reads a checkpoint written by :func:`train` (tensors and plain data only).
+
+    A file that is empty, truncated or no torch checkpoint raises a ValueError naming it, as does
+    a torch file that is not one of ours.
+    """
+    checkpoint = load_checkpoint_file(path, map_location=map_location)
     if not isinstance(checkpoint, Mapping) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not an isnet-fast training checkpoint (no format '{CHECKPOINT_FORMAT}')")
     return dict(checkpoint)
@@ -347,15 +405,26 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, masks: O
             draw use, and the IsDenseFast's own ``generator`` if it has one), the variant
             (``explain``, ``selective``; a warning when the model was set otherwise) and history
             are restored and training goes on from the saved epoch up to ``config.epochs``.
-            The result equals that of an uninterrupted run.
+            The result equals that of an uninterrupted run. A checkpoint of another run, one whose
+            optimizer or its settings (momentum, weight_decay), batch size or data (number and
+            shape of the images, a fingerprint of the labels) differ from this one, is refused
+            with a ValueError naming what differs; another ``lr`` resumes with a warning (lowering
+            it is how a run that went non-finite goes on). Checkpoints written before the data
+            were recorded resume with a warning that the data cannot be checked.
         log_path: a JSON-lines file with one record per epoch; rewritten from the history at
             the start, so after a resume it matches the checkpoint.
         validation: ``{"images": ..., "labels": ...}``; its accuracy is logged each epoch.
         on_epoch_end: called with each epoch's record.
 
     The history is a list of per-epoch dicts: epoch, loss, classification_loss, heatmap_loss,
-    accuracy (on the training batches, in training mode), lr (the last step's), seconds, and
-    val_accuracy.
+    accuracy (on the training batches, in training mode), lr (the last step's), seconds,
+    skipped_steps (see ``TrainConfig.skip_nonfinite``) and val_accuracy.
+
+    A step whose loss, heatmaps or gradients are not finite raises :class:`NonFiniteError`
+    (naming the epoch, the step and which went non-finite) before its optimizer step, unless
+    ``config.skip_nonfinite``; weights that are not finite after an epoch raise it before that
+    epoch's checkpoint is written. Either way the checkpoint on disk is the last good one. The
+    check costs one host sync per step, which also reads the step's figures for the log.
     """
     config = config or TrainConfig()
     if config.P > 0 and not isinstance(model, IsDenseFast):
@@ -373,10 +442,12 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, masks: O
     device = _model_device(model)
     optimizer = make_optimizer(model, config)
     shuffle_generator = torch.Generator().manual_seed(config.seed)
+    run = _run_record(config, images, labels)
     history: List[Dict[str, Any]] = []
     start_epoch = 0
     if resume and checkpoint_path is not None and Path(checkpoint_path).exists():
         checkpoint = load_checkpoint(checkpoint_path, map_location=device)
+        _check_same_run(checkpoint, run, checkpoint_path)
         model.load_state_dict(checkpoint["state_dict"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         _restore_rng_state(checkpoint["rng"], shuffle_generator, model)
@@ -386,10 +457,14 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, masks: O
     if log_path is not None:
         Path(log_path).write_text("".join(json.dumps(record) + "\n" for record in history))
 
+    saved_epoch = start_epoch if start_epoch > 0 else None  # the epoch the checkpoint on disk holds
     model.train()
     with _heat(model, config.P > 0):
         for epoch in range(start_epoch, config.epochs):
-            record = _train_epoch(model, optimizer, images, labels, masks, config, shuffle_generator, epoch, device)
+            last_good = _last_good(checkpoint_path, saved_epoch)
+            record = _train_epoch(model, optimizer, images, labels, masks, config, shuffle_generator, epoch, device,
+                                  last_good)
+            _check_finite_weights(model, epoch, last_good)
             if validation is not None:
                 record["val_accuracy"] = evaluate(model, validation["images"], validation["labels"],
                                                   multilabel=config.multilabel)
@@ -403,10 +478,12 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, masks: O
                     "rng": _rng_state(shuffle_generator, model),
                     "history": history,
                     "train_config": dataclasses.asdict(config),
+                    "run": run,
                     "densenet_config": densenet_config(model),
                     "isdensefast": _isdensefast_settings(model),
                     "image_size": list(images.shape[-2:]),
                 })
+                saved_epoch = epoch + 1
             if log_path is not None:
                 with open(log_path, "a", encoding="utf-8") as log:
                     log.write(json.dumps(record) + "\n")
@@ -477,13 +554,130 @@ def _restore_variant(model: nn.Module, checkpoint: Mapping[str, Any]) -> None:
     model.selective = wanted[1]
 
 
-def _train_epoch(model, optimizer, images, labels, masks, config: TrainConfig, shuffle_generator, epoch, device):
+# ----------------------------------------------------------------------------- resume checks
+
+
+# How _check_same_run names the recorded items.
+_RUN_ITEMS = {"images": "number of images", "image_shape": "image shape"}
+
+
+def _run_record(config: TrainConfig, images: torch.Tensor, labels: torch.Tensor) -> Dict[str, Any]:
+    """What a resumed run must share with the checkpoint's: the optimizer, its settings, the batch
+    size and the data (the number and shape of the images, a fingerprint of the labels in order).
+    Only the learning rate may change (with a warning): lowering it is how a run that went
+    non-finite recovers."""
+    return {
+        "optimizer": config.optimizer,
+        "lr": float(config.lr),
+        "momentum": float(config.momentum) if config.optimizer == "sgd" else None,  # Adam has none
+        "weight_decay": float(config.weight_decay),
+        "batch_size": int(config.batch_size),
+        "images": int(len(images)),
+        "image_shape": [int(n) for n in images.shape[1:]],
+        "labels": _fingerprint(labels),
+    }
+
+
+def _fingerprint(tensor: torch.Tensor) -> str:
+    """A short hash of a tensor's dtype, shape and values (one copy to the host, no float rounding)."""
+    data = tensor.detach().contiguous().cpu().flatten()
+    digest = hashlib.sha256(f"{data.dtype}{tuple(tensor.shape)}".encode())
+    digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return digest.hexdigest()[:16]
+
+
+def _check_same_run(checkpoint: Mapping[str, Any], run: Mapping[str, Any], path: PathLike) -> None:
+    """Refuses to resume a checkpoint whose run differs from this one (an exact resume would be lost)."""
+    recorded = checkpoint.get("run")
+    if not isinstance(recorded, Mapping):  # written before the run was recorded: what the settings tell
+        old = checkpoint.get("train_config")
+        old = old if isinstance(old, Mapping) else {}
+        recorded = {key: old[key] for key in ("optimizer", "lr", "weight_decay", "batch_size") if key in old}
+        if old.get("optimizer") == "sgd" and "momentum" in old:
+            recorded["momentum"] = old["momentum"]
+        warnings.warn(f"{path} was written before checkpoints recorded their data: resuming without checking "
+                      "that the images and labels are those it was trained on", stacklevel=3)
+    differences = []
+    for key, value in run.items():
+        if key not in recorded or recorded[key] == value:
+            continue
+        theirs = recorded[key]
+        if key == "optimizer":
+            differences = [f"optimizer ({theirs!r} in the checkpoint, {value!r} now)"]
+            break  # its settings differ in meaning too
+        if key == "lr":
+            warnings.warn(f"resuming {path} with lr={value!r} (it was trained with lr={theirs!r}): the result "
+                          "differs from that of an uninterrupted run", stacklevel=3)
+        elif key == "labels":
+            differences.append("labels (other labels, or another order: their fingerprints differ)")
+        elif not (key == "momentum" and None in (theirs, value)):
+            differences.append(f"{_RUN_ITEMS.get(key, key)} ({theirs!r} in the checkpoint, {value!r} now)")
+    if differences:
+        raise ValueError(f"cannot resume from {path}: this run differs from the checkpoint's in "
+                         f"{', '.join(differences)}. Resume with its settings and data, or start a new run "
+                         "(another checkpoint_path, or resume=False)")
+
+
+# ----------------------------------------------------------------------------- non-finite steps
+
+
+def _last_good(checkpoint_path: Optional[PathLike], saved_epoch: Optional[int]) -> str:
+    """Where the last good state is, for NonFiniteError's message."""
+    if checkpoint_path is None:
+        return "nothing was saved (no checkpoint_path)"
+    if saved_epoch is None:
+        return f"no checkpoint was written yet to {checkpoint_path}"
+    return f"the checkpoint of epoch {saved_epoch} in {checkpoint_path} is intact (resume from it)"
+
+
+_ADVICE = ("Lower the learning rate (a resume may change it), check the data for NaN, or skip such steps with "
+           "TrainConfig(skip_nonfinite=True)")
+
+
+def _check_finite_weights(model: nn.Module, epoch: int, last_good: str) -> None:
+    """Raises NonFiniteError (before the checkpoint is written) if a weight or BatchNorm statistic is not finite."""
+    named = [(name, t) for name, t in list(model.named_parameters()) + list(model.named_buffers())
+             if t.is_floating_point()]
+    if not named:
+        return
+    finite = torch.stack([torch.isfinite(t).all() for _, t in named])
+    if bool(finite.all()):  # one host sync per epoch
+        return
+    first = named[int((~finite).nonzero()[0])][0]
+    raise NonFiniteError(f"epoch {epoch + 1}: the weights went non-finite ({first} holds NaN or Inf) in an "
+                         f"optimizer step, and were not saved; {last_good}. {_ADVICE}",
+                         epoch + 1, 0, "weights")
+
+
+def _nonfinite_error(epoch: int, step: int, n_steps: int, what: str, detail: str, last_good: str) -> NonFiniteError:
+    return NonFiniteError(f"epoch {epoch + 1}, step {step + 1} of {n_steps}: the {what} went non-finite ({detail}); "
+                          f"stopped before its optimizer step; {last_good}. {_ADVICE}",
+                          epoch + 1, step + 1, what)
+
+
+def _diagnose(losses: Optional[Mapping[str, torch.Tensor]], logits: torch.Tensor,
+              heatmaps: Optional[torch.Tensor], norm: Optional[float]):
+    """(what, detail) of a non-finite step; on the error path only, so its host syncs cost nothing."""
+    if heatmaps is not None and not bool(torch.isfinite(heatmaps).all()):
+        share = 1 - torch.isfinite(heatmaps).float().mean().item()
+        return "heatmaps", f"{share:.0%} NaN or Inf"
+    if losses is None or not math.isfinite(losses["loss"].item()):
+        if not bool(torch.isfinite(logits).all()):
+            return "loss", "the logits hold NaN or Inf"
+        return "loss", f"the loss is {losses['loss'].item() if losses is not None else float('nan')}"
+    return "gradients", f"their norm is {norm}"
+
+
+def _train_epoch(model, optimizer, images, labels, masks, config: TrainConfig, shuffle_generator, epoch, device,
+                 last_good: str = ""):
     started = time.perf_counter()
     order = torch.randperm(len(labels), generator=shuffle_generator)
     n_batches = math.ceil(len(labels) / config.batch_size)
     totals = {"loss": 0.0, "classification_loss": 0.0, "heatmap_loss": 0.0, "accuracy": 0.0}
     seen = 0
+    skipped = 0
     lr = optimizer.param_groups[0]["lr"]
+    parameters = [p for p in model.parameters() if p.requires_grad]
     progress = _Progress(n_batches, f"epoch {epoch + 1}/{config.epochs}", config.progress, config.log_every)
     try:
         for batch in range(n_batches):
@@ -493,34 +687,74 @@ def _train_epoch(model, optimizer, images, labels, masks, config: TrainConfig, s
             index = order[batch * config.batch_size:(batch + 1) * config.batch_size]
             x = images[index].to(device)
             y = labels[index].to(device)
+            # A skipped step must not leave its batch in the BatchNorm running statistics either.
+            buffers = [b.detach().clone() for b in model.buffers()] if config.skip_nonfinite else None
             if config.explain_labels and config.P > 0:
                 output = model(x, classes=y)  # one map per image, for its label
             else:
                 output = model(x)
             logits, heatmaps = output if isinstance(output, tuple) else (output, None)
             batch_masks = masks[index].to(device) if (masks is not None and config.P > 0) else None
-            losses = compound_loss(logits, heatmaps, y, batch_masks, config.P, config.multilabel,
-                                   **config.heatmap_loss_kwargs)
-            optimizer.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            if config.clip_norm:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm)
+            try:
+                losses = compound_loss(logits, heatmaps, y, batch_masks, config.P, config.multilabel,
+                                       **config.heatmap_loss_kwargs)
+            except NonFiniteHeatmapError:  # not one finite value: the loss cannot be computed
+                losses = None
+            figures, norm = None, None
+            if losses is not None:
+                optimizer.zero_grad(set_to_none=True)
+                losses["loss"].backward()
+                if config.clip_norm:
+                    total_norm = torch.nn.utils.clip_grad_norm_(parameters, config.clip_norm)
+                else:
+                    total_norm = _total_norm(parameters, losses["loss"])
+                stats = [losses["loss"], losses["classification"], losses["heatmap"],
+                         _accuracy(logits.detach(), y, config.multilabel),
+                         torch.isfinite(losses["loss"]) & torch.isfinite(total_norm).to(losses["loss"].device),
+                         total_norm.to(losses["loss"].device)]
+                dtype = torch.float64 if any(t.dtype == torch.float64 for t in stats) else torch.float32
+                figures = torch.stack([t.detach().reshape(()).to(dtype) for t in stats]).tolist()  # the one sync
+                norm = figures[5]
+            if figures is None or not figures[4]:
+                what, detail = _diagnose(losses, logits, heatmaps, norm)
+                if not config.skip_nonfinite:
+                    raise _nonfinite_error(epoch, batch, n_batches, what, detail, last_good)
+                skipped += 1
+                optimizer.zero_grad(set_to_none=True)
+                with torch.no_grad():
+                    for buffer, before in zip(model.buffers(), buffers):
+                        buffer.copy_(before)
+                progress.update(loss=totals["loss"] / max(seen, 1), accuracy=totals["accuracy"] / max(seen, 1))
+                continue
             optimizer.step()
 
             n = len(index)
             seen += n
-            totals["loss"] += losses["loss"].item() * n
-            totals["classification_loss"] += losses["classification"].item() * n
-            totals["heatmap_loss"] += losses["heatmap"].item() * n
-            totals["accuracy"] += accuracy(logits.detach(), y, config.multilabel) * n
+            totals["loss"] += figures[0] * n
+            totals["classification_loss"] += figures[1] * n
+            totals["heatmap_loss"] += figures[2] * n
+            totals["accuracy"] += figures[3] * n
             progress.update(loss=totals["loss"] / seen, accuracy=totals["accuracy"] / seen)
     finally:
         progress.close()
+    if n_batches and skipped == n_batches:
+        raise NonFiniteError(f"epoch {epoch + 1}: all {n_batches} steps went non-finite and were skipped "
+                             f"(skip_nonfinite), so training cannot go on; {last_good}. Lower the learning rate, "
+                             "or check the data and weights for NaN", epoch + 1, n_batches, what)
     record = {"epoch": epoch + 1}
     record.update({key: value / max(seen, 1) for key, value in totals.items()})
     record["lr"] = lr
     record["seconds"] = time.perf_counter() - started
+    record["skipped_steps"] = skipped
     return record
+
+
+def _total_norm(parameters: List[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """The gradients' total 2-norm, as ``clip_grad_norm_`` computes it, without clipping."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros((), device=like.device)
+    return torch.nn.utils.get_total_norm(grads)
 
 
 class _Progress:

@@ -28,3 +28,18 @@ def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
     err = (ours - ref).abs().max().item()
     scale = ref.abs().max().item()
     return err / scale if scale > 0 else err
+
+
+def original_reference_folder():
+    """The original ISNet's ``backup/`` folder from ``ISNET_REFERENCE`` (the repository's root or
+    ``backup/`` itself), or None where it is not set or holds no original."""
+    import os
+
+    folder = os.environ.get("ISNET_REFERENCE")
+    if not folder:
+        return None
+    folder = Path(folder).expanduser()
+    for candidate in (folder, folder / "backup"):
+        if (candidate / "ISNetFunctions.py").is_file() and (candidate / "LRPDenseNet.py").is_file():
+            return candidate
+    return None

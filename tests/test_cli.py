@@ -7,13 +7,15 @@ architecture, one thread, no warmup and one timed run.
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
 from isnet_fast import benchmark as bm
-from isnet_fast.cli import main
+from isnet_fast import cli
+from isnet_fast.cli import build_parser, main
 
 pytestmark = pytest.mark.filterwarnings(r"ignore:.*torch\.cuda\.amp\.autocast:FutureWarning")
 
@@ -43,7 +45,8 @@ def test_bench_writes_every_figure(tmp_path, monkeypatch, capsys, no_reference):
     out, err = capsys.readouterr()
     assert "ms/batch" in out and "images/s" in out and "peak RSS" in out and "x floor" in out
     assert "original: not measured" in out
-    assert "[4/4]" in err  # progress goes to stderr
+    assert "Selective ISNet" not in out  # not asked for: no note about it
+    assert "[5/5]" in err  # progress goes to stderr
 
     record = json.loads((tmp_path / "out.json").read_text())
     assert record["command_line"] == "isnet-fast " + " ".join(argv)
@@ -52,15 +55,23 @@ def test_bench_writes_every_figure(tmp_path, monkeypatch, capsys, no_reference):
     assert record["settings"]["arch"] == "densenet121" and record["settings"]["classes"] == [2]
     assert record["wall_time_s"] > 0
     results = {r["label"]: r for r in record["results"]}
-    assert set(results) == {"explain", "train", "explain-floor", "train-floor"}
+    assert set(results) == {"explain", "train", "explain-floor", "train-floor", "train-plain"}
     for label, result in results.items():
         assert result["error"] is None, result["error_detail"]
         assert (result["batch"], result["classes"], result["size"], result["dtype"]) == (1, 2, 64, "float32")
+        assert (result["explain"], result["selective"]) == ("all", False)
         assert len(result["times_ms"]) == 1 and all(t > 0 for t in result["times_ms"])
         assert result["median_ms"] > 0 and result["images_per_s"] > 0
         assert result["peak_memory_bytes"] > 0 and result["memory_kind"] == "peak RSS"
-        assert result["floor_ratio"] > 0 and result["speedup_vs_original"] is None
+        assert result["speedup_vs_original"] is None and result["speedup_vs_selective_reference"] is None
+        if label != "train-plain":
+            assert result["floor_ratio"] > 0
     assert results["train-floor"]["floor_ratio"] == 1.0
+    assert results["train-plain"]["floor_ratio"] is None and results["train-plain"]["plain_ratio"] == 1.0
+    assert results["train"]["plain_ratio"] == pytest.approx(
+        results["train"]["median_ms"] / results["train-plain"]["median_ms"])
+    assert results["explain"]["plain_ratio"] is None
+    assert record["settings"]["variants"] == [{"explain": "all", "selective": False, "name": "all maps"}]
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -79,6 +90,14 @@ def test_bench_writes_every_figure(tmp_path, monkeypatch, capsys, no_reference):
     (["--device", "cpu", "--sweep-values", "1", "2"], "--sweep-values needs --sweep"),
     (["--device", "cpu", "--json", "/nonexistent-folder/out.json"], "does not exist"),
     (["--device", "cpu", "--json", "/"], "that is a folder"),
+    (["--explain", "best"], "invalid choice: 'best'"),
+    (["--selective", "maybe"], "invalid choice: 'maybe'"),
+    (["--cases", "train-fancy"], "invalid choice: 'train-fancy'"),
+    (["--device", "cpu", "--explain", "sum", "--selective"], "cannot explain 'sum'"),
+    (["--device", "cpu", "--variants", "--explain", "top"], "--variants picks its own variants"),
+    (["--device", "cpu", "--variants", "--selective", "on"], "--variants picks its own variants"),
+    (["--device", "cpu", "--classes", "1", "--explain", "random"], "needs at least two classes"),
+    (["--device", "cpu", "--classes", "1", "--explain", "lowest", "--selective"], "needs at least two classes"),
 ])
 def test_bad_options_exit_2_with_a_message(capsys, no_reference, argv, message):
     assert message in _usage_error(capsys, ["bench", *argv])
@@ -152,3 +171,167 @@ def test_no_reference_flag_overrides_the_environment(tmp_path, capsys, monkeypat
     monkeypatch.setenv(bm.REFERENCE_ENV, str(tmp_path / "nowhere"))  # would be an error if read
     assert main(["bench", *TINY, "--classes", "2", "--cases", "explain", "--no-reference"]) == 0
     assert "original: not measured" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- variants
+
+
+def _variants(argv, classes=(3,)):
+    args = build_parser().parse_args(["bench", *argv])
+    return cli._variants(args, args.subparser, classes)
+
+
+@pytest.mark.parametrize("argv, variants", [
+    ([], [("all", False)]),
+    (["--explain", "lowest", "--selective"], [("lowest", True)]),
+    (["--explain", "lowest", "--selective", "on"], [("lowest", True)]),
+    (["--explain", "top", "lowest", "top"], [("top", False), ("lowest", False)]),
+    (["--explain", "all", "lowest", "--selective", "both"],
+     [("all", False), ("all", True), ("lowest", False), ("lowest", True)]),
+    (["--explain", "sum", "top", "--selective", "both"], [("sum", False), ("top", False), ("top", True)]),
+    (["--selective", "off", "--explain", "random"], [("random", False)]),
+    (["--variants"], [("all", False), ("lowest", True)]),
+])
+def test_variant_options(argv, variants):
+    assert _variants(argv) == (variants, [])
+
+
+def test_variants_left_out_for_one_class_get_a_note():
+    variants, notes = _variants(["--variants"], classes=(1, 2, 4))
+    assert variants == [("all", False), ("lowest", True)]
+    assert notes == ["selective lowest: not run for 1 class(es) (it needs at least two)."]
+
+
+def test_help_documents_the_variant_options(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for text in ("--explain MODE [MODE ...]", "--selective [off|on|both]", "--variants",
+                 "The Selective ISNet is --explain lowest --selective", "train-plain"):
+        assert text in out
+
+
+def _comparisons(*rows):
+    results = [bm.CaseResult(bm.CaseSpec(case, implementation, classes=3, reference="/r", explain=explain,
+                                         selective=selective, arch="tiny", size=32), [seconds], 2**20, "peak RSS")
+               for case, implementation, explain, selective, seconds in rows]
+    return bm.compare(results)
+
+
+def test_table_shows_each_variant_and_its_ratios():
+    table = cli.format_table(_comparisons(
+        ("train", "isnet_fast", "all", False, 3.0),
+        ("train", "original", "all", False, 12.0),
+        ("train", "isnet_fast", "lowest", True, 1.0),
+        ("train", "selective_reference", "lowest", True, 8.0),
+        ("train-floor", "autograd", "all", False, 6.0),
+        ("train-floor", "autograd", "top", False, 2.0),
+        ("train-plain", "autograd", "all", False, 0.5)), ["classes"])
+    header, *lines = [re.split(r"\s{2,}", line.strip()) for line in table.splitlines()]
+    assert header == ["classes", "case", "ms/batch", "images/s", "peak RSS", "x floor", "x plain", "vs original",
+                      "vs authors' sel."]
+    rows = {cells[1]: cells[5:] for cells in lines}
+    assert rows["train"] == ["0.50", "6.00", "4.00x", "-"]
+    assert rows["train (original)"] == ["2.00", "24.00", "-", "-"]
+    assert rows["train, selective lowest"] == ["0.50", "2.00", "-", "8.00x"]
+    assert rows["train (authors' selective)"] == ["4.00", "16.00", "-", "-"]
+    assert rows["train-floor, 1 map"] == ["1.00", "4.00", "-", "-"]
+    assert rows["train-plain"] == ["-", "1.00", "-", "-"]
+
+
+def test_table_leaves_out_the_new_columns_when_nothing_fills_them():
+    header = cli.format_table(_comparisons(("explain", "isnet_fast", "all", False, 1.0)), ["classes"]).splitlines()[0]
+    assert "x floor" in header and "vs original" in header
+    assert "x plain" not in header and "authors' sel." not in header
+
+
+def test_bench_runs_the_selective_variant_without_the_reference(tmp_path, capsys, no_reference):
+    argv = ["bench", *TINY, "--classes", "3", "--variants", "--cases", "explain", "train", "train-floor",
+            "train-plain", "--json", str(tmp_path / "variants.json")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    for label in ("explain, selective lowest", "train, selective lowest", "train-floor, 1 map", "train-plain"):
+        assert f"  {label}  " in out
+    assert "original: not measured" in out and "authors' Selective ISNet: not measured" in out
+    record = json.loads((tmp_path / "variants.json").read_text())
+    results = {r["label"]: r for r in record["results"]}
+    assert list(results) == ["explain", "explain, selective lowest", "train", "train, selective lowest",
+                             "train-floor", "train-floor, 1 map", "train-plain"]
+    for label, result in results.items():
+        assert result["error"] is None, result["error_detail"]
+    selective = results["train, selective lowest"]
+    assert (selective["explain"], selective["selective"], selective["maps"]) == ("lowest", True, 1)
+    assert selective["floor"] == "train-floor, 1 map"
+    one_map_floor = results["train-floor, 1 map"]
+    assert selective["floor_ratio"] == pytest.approx(selective["median_ms"] / one_map_floor["median_ms"])
+    assert results["train"]["floor_ratio"] == pytest.approx(
+        results["train"]["median_ms"] / results["train-floor"]["median_ms"])
+    assert selective["plain_ratio"] == pytest.approx(selective["median_ms"] / results["train-plain"]["median_ms"])
+    assert results["explain, selective lowest"]["floor_ratio"] is None  # no explain floor was asked for
+    assert record["settings"]["variants"][1] == {"explain": "lowest", "selective": True, "name": "selective lowest"}
+    assert record["settings"]["reference"] is None and record["settings"]["selective_reference"] is None
+
+
+def test_sweep_classes_with_the_variants_plots_a_line_per_variant(tmp_path, capsys, no_reference, monkeypatch):
+    plotted = {}
+    real_series = cli._sweep_series
+    monkeypatch.setattr(cli, "_sweep_series", lambda *a: plotted.setdefault("series", real_series(*a)))
+    plot = tmp_path / "sweep.png"
+    argv = ["bench", *TINY, "--variants", "--sweep", "classes", "--sweep-values", "2", "3", "--cases", "explain",
+            "--plot", str(plot), "--json", str(tmp_path / "sweep.json")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    rows = [line.split(None, 1) for line in out.splitlines() if line.split()[:1] in (["2"], ["3"])]
+    assert [(k, rest.split("  ")[0]) for k, rest in rows] == [
+        ("2", "explain"), ("2", "explain, selective lowest"), ("3", "explain"), ("3", "explain, selective lowest")]
+    record = json.loads((tmp_path / "sweep.json").read_text())
+    assert [(r["classes"], r["selective"]) for r in record["results"]] == [(2, False), (2, True), (3, False), (3, True)]
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert plot.is_file() and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert {name: [x for x, _, _ in points] for name, points in plotted["series"].items()} == {
+            "explain": [2, 3], "explain, selective lowest": [2, 3]}
+
+
+def test_a_backup_folder_alone_measures_the_original_and_notes_the_rest(tmp_path, capsys, monkeypatch):
+    backup = tmp_path / "backup"
+    backup.mkdir()
+    for name in bm.REFERENCE_FILES:
+        (backup / name).write_text("")
+    monkeypatch.setenv(bm.REFERENCE_ENV, str(backup))
+    args = build_parser().parse_args(["bench", *TINY, "--variants"])
+    settings, classes, sweep_values, references = cli._validated_settings(args, args.subparser)
+    assert references.original == str(backup.resolve()) and references.selective_reference is None
+    variants, _ = cli._variants(args, args.subparser, classes)
+    notes = cli._reference_notes(args, references, variants)
+    assert len(notes) == 1 and "backup/ folder alone" in notes[0]
+    specs = cli._bench_specs(args, settings, classes, sweep_values, variants, references.original, None)
+    assert "train (original)" in [s.label for s in specs]
+    assert "train (authors' selective)" not in [s.label for s in specs]
+
+
+def test_variants_with_the_reference(tmp_path, capsys):
+    folder = os.environ.get(bm.REFERENCE_ENV)
+    if not folder:
+        pytest.skip(bm.REFERENCE_HINT)
+    references = bm.find_references(folder)
+    argv = ["bench", *TINY, "--classes", "3", "--variants", "--cases", "explain", "train",
+            "--json", str(tmp_path / "ref.json")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    results = {r["label"]: r for r in json.loads((tmp_path / "ref.json").read_text())["results"]}
+    for label in ("explain", "train"):
+        assert results[label]["error"] is None, results[label]["error_detail"]
+        if references.original:
+            assert results[label]["speedup_vs_original"] == pytest.approx(
+                results[f"{label} (original)"]["median_ms"] / results[label]["median_ms"])
+        ours = results[f"{label}, selective lowest"]
+        if references.selective_reference:
+            theirs = results[f"{label} (authors' selective)"]
+            assert theirs["error"] is None, theirs["error_detail"]
+            assert (theirs["implementation"], theirs["explain"], theirs["selective"]) == (
+                "selective_reference", "lowest", True)
+            assert ours["speedup_vs_selective_reference"] == pytest.approx(theirs["median_ms"] / ours["median_ms"])
+            assert "vs authors' sel." in out
+        else:
+            assert f"{label} (authors' selective)" not in results
+            assert "backup/ folder alone" in out

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from helpers import original_reference_folder
 from isnet_fast.densenet import (DenseNet, convert_torchvision_state_dict, densenet121, densenet161,
                                  densenet169, densenet201)
 
@@ -230,9 +231,9 @@ def test_torchvision_weights_give_same_logits():
 
 
 def _reference_module():
-    folder = os.environ.get("ISNET_REFERENCE")
-    if not folder or not (Path(folder) / "LRPDenseNet.py").is_file():
-        pytest.skip("set ISNET_REFERENCE to a folder holding ISNet's LRPDenseNet.py")
+    folder = original_reference_folder()
+    if folder is None:
+        pytest.skip("set ISNET_REFERENCE to a checkout of ISNet (or its backup/ folder, with LRPDenseNet.py)")
     spec = importlib.util.spec_from_file_location("isnet_reference_LRPDenseNet", Path(folder) / "LRPDenseNet.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

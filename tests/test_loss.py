@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import load_fixture, rel_err
+from helpers import load_fixture, original_reference_folder, rel_err
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -428,9 +428,10 @@ def test_errors(heatmap, mask, kwargs, match, capsys):
 
 # ------------------------------------------------------ original implementation
 def _load_reference():
-    folder = os.environ.get("ISNET_REFERENCE")
-    if not folder or not (Path(folder) / "ISNetFunctions.py").is_file():
-        pytest.skip("set ISNET_REFERENCE to a folder with the original ISNetFunctions.py (and globals.py)")
+    folder = original_reference_folder()
+    if folder is None:
+        pytest.skip("set ISNET_REFERENCE to a checkout of ISNet (or its backup/ folder, with ISNetFunctions.py)")
+    folder = str(folder)
     sys.path.insert(0, folder)  # ISNetFunctions imports its sibling `globals`
     try:
         spec = importlib.util.spec_from_file_location("_isnet_reference", Path(folder) / "ISNetFunctions.py")

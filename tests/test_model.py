@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from helpers import load_fixture, rel_err
+from helpers import load_fixture, original_reference_folder, rel_err
 from isnet_fast import DenseNet, IsDenseFast
 from isnet_fast.structure import UnsupportedModelError
 
@@ -166,10 +166,10 @@ def test_unknown_backend_is_rejected():
 
 # ---- the original's own DenseNet class -------------------------------------------------------
 
-@pytest.mark.skipif(not os.environ.get("ISNET_REFERENCE"),
-                    reason="set ISNET_REFERENCE to a checkout of the original's backup/ folder to run")
+@pytest.mark.skipif(original_reference_folder() is None,
+                    reason="set ISNET_REFERENCE to a checkout of ISNet (or its backup/ folder) to run")
 def test_accepts_the_original_densenet_class():
-    sys.path.insert(0, os.environ["ISNET_REFERENCE"])
+    sys.path.insert(0, str(original_reference_folder()))
     try:
         original = importlib.import_module("LRPDenseNet")
     finally:
