@@ -699,6 +699,19 @@ def _train_plain_step(net, batch, spec):
 # ----------------------------------------------------------------------------- measuring
 
 
+SPREAD_WARNING = 0.25  # runs of one case that spread by more than this are flagged
+
+
+def spread_warning(results: Sequence["CaseResult"], limit: float = SPREAD_WARNING) -> Optional[str]:
+    """A warning naming the cases whose timed runs spread by more than ``limit`` of their median."""
+    noisy = [f"{r.spec.label} ({r.spread:.0%})" for r in results if r.spread is not None and r.spread > limit]
+    if not noisy:
+        return None
+    return (f"warning: the runs of {len(noisy)} case(s) spread by more than {limit:.0%} of their median: "
+            f"{', '.join(noisy)}. The machine was busy or its speed moved; compare these figures with care, "
+            "or rerun with more --repeat on an idle machine.")
+
+
 def time_step(step: Callable[[], None], warmup: int, repeat: int) -> List[float]:
     """Runs ``step`` ``warmup`` times untimed, then ``repeat`` times; the seconds of each timed run.
 
@@ -737,6 +750,13 @@ class CaseResult:
     @property
     def median_s(self) -> Optional[float]:
         return statistics.median(self.times_s) if self.times_s else None
+
+    @property
+    def spread(self) -> Optional[float]:
+        """(slowest - fastest) / median of the timed runs; None with fewer than two."""
+        if len(self.times_s) < 2:
+            return None
+        return (max(self.times_s) - min(self.times_s)) / self.median_s
 
     @property
     def images_per_s(self) -> Optional[float]:

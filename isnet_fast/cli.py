@@ -195,6 +195,9 @@ def run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     print(_header(settings, device, args))
     print(format_table(comparisons, _table_axes(args)))
     print(RATIO_LEGEND)
+    spread_note = bm.spread_warning(results)
+    if spread_note:
+        print(spread_note, file=sys.stderr)
     plot_path = None
     if args.sweep:
         plot_path, plot_note = _write_sweep_plot(comparisons, args.sweep,
@@ -227,7 +230,8 @@ def run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
-RATIO_LEGEND = ("x floor: time / the floor with the same maps per image (K for all maps, 1 for one map); "
+RATIO_LEGEND = ("spread: (slowest - fastest) / median of the timed runs; "
+                "x floor: time / the floor with the same maps per image (K for all maps, 1 for one map); "
                 "x plain: time / train-plain; vs original, vs authors' sel.: their time / ours, same variant.")
 
 
@@ -411,7 +415,7 @@ def format_table(comparisons: Sequence[bm.Comparison], axes: Sequence[str]) -> s
         "peak CUDA mem" if memory_kinds == {"max_memory_allocated"} else "peak memory")
     with_plain = any(c.result.spec.case == "train-plain" for c in comparisons)
     with_selective = any(c.result.spec.implementation == "selective_reference" for c in comparisons)
-    titles = [*axes, "case", "ms/batch", "images/s", memory_title, "x floor"]
+    titles = [*axes, "case", "ms/batch", "spread", "images/s", memory_title, "x floor"]
     titles += ["x plain"] * with_plain + ["vs original"] + ["vs authors' sel."] * with_selective
     rows = []
     for comparison in comparisons:
@@ -420,7 +424,8 @@ def format_table(comparisons: Sequence[bm.Comparison], axes: Sequence[str]) -> s
         if result.error:
             cells += ["failed: " + result.error]
         else:
-            cells += [f"{result.median_s * 1e3:.1f}", f"{result.images_per_s:.2f}",
+            cells += [f"{result.median_s * 1e3:.1f}", "-" if result.spread is None else f"{result.spread:.0%}",
+                      f"{result.images_per_s:.2f}",
                       format_memory(result.peak_memory_bytes), _ratio(comparison.floor_ratio)]
             cells += [_ratio(comparison.plain_ratio)] * with_plain
             cells += [_ratio(comparison.speedup_vs_original, speedup=True)]

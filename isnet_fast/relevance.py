@@ -80,8 +80,9 @@ def conv_transpose(conv: nn.Conv2d, relevance: torch.Tensor, input_hw, weight: t
 
 
 def consumer_folds(block: DenseBlockPlan, block_input: torch.Tensor,
-                   statistics=None) -> Dict[int, Tuple[torch.Tensor, torch.Tensor]]:
-    """For each layer m, the fold (scale, shift) over the channels its relevance reaches.
+                   statistics=None) -> Dict[int, Tuple[torch.Tensor, torch.Tensor, bool]]:
+    """For each layer m, the fold (scale, shift) over the channels its relevance reaches, and
+    whether it is layer m's own norm1 over all of them (then its relu1 output is the ReLU of it).
 
     ``block_input`` is the block's concatenated features, ``statistics`` their batch statistics
     (what the BatchNorms fold in training).
@@ -98,7 +99,7 @@ def consumer_folds(block: DenseBlockPlan, block_input: torch.Tensor,
     folds = {}
     for m, pairs in block.consumers.items():
         if len(pairs) == m and len({id(bn) for _, bn in pairs}) == 1:
-            folds[m] = fold(pairs[0][1])  # one BatchNorm over all m producers' channels: its fold as it is
+            folds[m] = (*fold(pairs[0][1]), True)  # one BatchNorm (layer m's norm1) over all m producers' channels
             continue
         paired = dict(pairs)
         scales, shifts = [], []
@@ -111,8 +112,16 @@ def consumer_folds(block: DenseBlockPlan, block_input: torch.Tensor,
             else:
                 scales.append(fold(bn)[0][sl])
                 shifts.append(fold(bn)[1][sl])
-        folds[m] = (torch.cat(scales), torch.cat(shifts))
+        folds[m] = (torch.cat(scales), torch.cat(shifts), False)
     return folds
+
+
+def _is_forward_fold(bn: nn.BatchNorm2d) -> bool:
+    """Whether the fold is the BatchNorm the forward applied (eval mode: its running statistics),
+    so that the ReLU after it is the ReLU of the fold's pre-activation (see
+    ``torch_ops.gated_product``). In training the fold's unbiased variance differs from the
+    biased one the BatchNorm normalised with."""
+    return not bn.training
 
 
 class _Accumulator:
@@ -139,12 +148,13 @@ class _Accumulator:
         for producer, piece in enumerate(split_channels(quotient, self.widths[:count])):
             self.pieces[producer].append(piece)
 
-    def add(self, relevance, act, pre, scale, shift, e) -> None:
+    def add(self, relevance, act, pre, scale, shift, e, act_is_relu=False) -> None:
         """Adds relevance times its gate into the channels it covers."""
         if self.in_place:
-            self.ops.gated_accumulate_(self.total[:, :, :relevance.shape[2]], relevance, act, pre, scale, shift, e)
+            self.ops.gated_accumulate_(self.total[:, :, :relevance.shape[2]], relevance, act, pre, scale, shift, e,
+                                       act_is_relu=act_is_relu)
         else:
-            self._split(self.ops.gated_product(relevance, act, pre, scale, shift, e))
+            self._split(self.ops.gated_product(relevance, act, pre, scale, shift, e, act_is_relu=act_is_relu))
 
     def take(self, producer: int) -> torch.Tensor:
         if self.in_place:
@@ -191,7 +201,7 @@ def post_block_relevance(block: DenseBlockPlan, acts, post_relevance: torch.Tens
     features = acts.output
     scale, shift = batchnorm_fold(block.post_norm, features, statistics)
     return ops.gated_product(post_relevance.expand(-1, -1, -1, *features.shape[-2:]), acts.post_relu_out,
-                             features, scale, shift, e)
+                             features, scale, shift, e, act_is_relu=_is_forward_fold(block.post_norm))
 
 
 def block_relevance(block: DenseBlockPlan, acts, first: torch.Tensor, e: float, in_place: bool, ops,
@@ -211,18 +221,19 @@ def block_relevance(block: DenseBlockPlan, acts, first: torch.Tensor, e: float, 
         back = conv_transpose(layer.conv2, merge_batch_and_classes(accumulator.take(m)), spatial)
         norm2_scale, norm2_shift = batchnorm_fold(layer.norm2, layer_acts.conv1_out)
         back = ops.gated_product(split_batch_and_classes(back, batch), layer_acts.relu2_out, layer_acts.conv1_out,
-                                 norm2_scale, norm2_shift, e)
+                                 norm2_scale, norm2_shift, e, act_is_relu=_is_forward_fold(layer.norm2))
         back = conv_transpose(layer.conv1, merge_batch_and_classes(back), spatial)
-        scale, shift = folds[m]
+        scale, shift, own_norm1 = folds[m]
         layer_input = layer_acts.norm1_in if layer_acts.norm1_in is not None else features[:, :layer_plan.in_channels]
-        accumulator.add(split_batch_and_classes(back, batch), layer_acts.relu1_out, layer_input, scale, shift, e)
+        accumulator.add(split_batch_and_classes(back, batch), layer_acts.relu1_out, layer_input, scale, shift, e,
+                        act_is_relu=own_norm1 and _is_forward_fold(layer.norm1))
     return accumulator.take(0)
 
 
 def transition_relevance(block: DenseBlockPlan, acts, next_quotient: torch.Tensor, e: float, ops) -> torch.Tensor:
     """From the next block's input quotient back to the class-expanded factor at this block's
     post ReLU: average-pool spreading, then the transition conv's epsilon step."""
-    spread = ops.pool_spread(next_quotient, acts.transition_relu2_out, acts.transition_conv_out, e)
+    spread = ops.pool_spread(next_quotient, acts.transition_relu2_out, acts.transition_conv_out, e, act_is_relu=True)
     back = conv_transpose(block.transition.conv, merge_batch_and_classes(spread), acts.output.shape[-2:])
     return split_batch_and_classes(back, spread.shape[0])
 

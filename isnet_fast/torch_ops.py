@@ -86,29 +86,53 @@ def _gate(act, pre, scale, shift, e):
     return torch.mul(act, scale, out=z).div_(denominator)
 
 
-def gated_product(rel, act, pre, scale, shift, e):
-    """Epsilon step: rel (one per class) times the gate."""
-    product = channels_last_view(rel) * _gate(channels_last_view(act), channels_last_view(pre), scale, shift,
-                                              e).unsqueeze(1)
+def _relu_gate(act, scale, e):
+    """The gate where ``act`` is the ReLU of the stabilised pre-activation itself, without autograd:
+    act * scale / (act + e). Where act > 0 it equals z (so stab(z) = act + e); where act = 0 the
+    gate is 0 whatever z is. It reads neither ``pre`` nor the fold's shift: three passes, not nine."""
+    denominator = act + e
+    gate = torch.div(act, denominator, out=denominator)
+    return gate if scale is None else gate.mul_(scale)
+
+
+def _gate_for(act, pre, scale, shift, e, act_is_relu):
+    act, pre = channels_last_view(act), channels_last_view(pre)
+    if act_is_relu and not _records_graph(act, pre, scale, shift):
+        return _relu_gate(act, scale, e)
+    return _gate(act, pre, scale, shift, e)
+
+
+def gated_product(rel, act, pre, scale, shift, e, act_is_relu=False):
+    """Epsilon step: rel (one per class) times the gate.
+
+    ``act_is_relu`` says that ``act`` is the ReLU of ``pre * scale + shift`` itself (an eval-mode
+    BatchNorm's fold, or no fold): without autograd the gate is then computed from ``act`` alone.
+    With autograd the full formula runs, so the gradients are the original's (its fold's shift,
+    unlike the BatchNorm's, is detached).
+    """
+    product = channels_last_view(rel) * _gate_for(act, pre, scale, shift, e, act_is_relu).unsqueeze(1)
     return channels_first_view(product)
 
 
-def gated_accumulate_(out, rel, act, pre, scale, shift, e):
+def gated_accumulate_(out, rel, act, pre, scale, shift, e, act_is_relu=False):
     """out += gated_product(...), in place (no autograd)."""
     channels_last_view(out).addcmul_(channels_last_view(rel),
-                                     _gate(channels_last_view(act), channels_last_view(pre), scale, shift,
-                                           e).unsqueeze(1))
+                                     _gate_for(act, pre, scale, shift, e, act_is_relu).unsqueeze(1))
     return out
 
 
-def pool_spread(rel, act, pre, e):
+def pool_spread(rel, act, pre, e, act_is_relu=False):
     """2x2 average-pool spreading of rel (B x C x ch x h x w) times act / (4 stab(pre)).
 
-    Rows and columns the pool dropped (odd sizes) get none.
+    Rows and columns the pool dropped (odd sizes) get none. ``act_is_relu`` as in ``gated_product``
+    (act = relu(pre)).
     """
     batch, classes, channels, h, w = rel.shape
     height, width = act.shape[-2:]
-    factor = act / (4.0 * stabilize(pre, e))
+    if act_is_relu and not _records_graph(act, pre):
+        factor = channels_first_view(_relu_gate(channels_last_view(act), None, e)).div_(4.0)
+    else:
+        factor = act / (4.0 * stabilize(pre, e))
     # Nearest 2x upsampling spreads each value over its window; its backward (a window sum) is
     # much faster than that of a broadcast over split dimensions.
     spread = F.interpolate(merge_batch_and_classes(rel), scale_factor=2, mode="nearest")

@@ -489,3 +489,19 @@ def test_authors_selective_isnet_in_a_subprocess():
                                                    explain="lowest", selective=True, **TINY))
     assert result.error is None, result.error_detail
     assert result.times_s[0] > 0 and result.peak_memory_bytes > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Spread of the timed runs
+# ---------------------------------------------------------------------------------------------
+
+def test_spread_and_its_warning():
+    spec = bm.CaseSpec("explain", "isnet_fast", arch="tiny", size=32)
+    steady = bm.CaseResult(spec, times_s=[1.0, 1.1, 1.05])
+    noisy = bm.CaseResult(bm.CaseSpec("train", "isnet_fast", arch="tiny", size=32), times_s=[1.0, 1.5, 1.2])
+    single = bm.CaseResult(spec, times_s=[1.0])
+    assert steady.spread == pytest.approx(0.1 / 1.05)
+    assert single.spread is None
+    assert bm.spread_warning([steady, single]) is None
+    warning = bm.spread_warning([steady, noisy])
+    assert warning is not None and "1 case(s)" in warning and "train (42%)" in warning

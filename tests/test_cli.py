@@ -228,15 +228,23 @@ def test_table_shows_each_variant_and_its_ratios():
         ("train-floor", "autograd", "top", False, 2.0),
         ("train-plain", "autograd", "all", False, 0.5)), ["classes"])
     header, *lines = [re.split(r"\s{2,}", line.strip()) for line in table.splitlines()]
-    assert header == ["classes", "case", "ms/batch", "images/s", "peak RSS", "x floor", "x plain", "vs original",
-                      "vs authors' sel."]
-    rows = {cells[1]: cells[5:] for cells in lines}
+    assert header == ["classes", "case", "ms/batch", "spread", "images/s", "peak RSS", "x floor", "x plain",
+                      "vs original", "vs authors' sel."]
+    assert all(cells[3] == "-" for cells in lines)  # one timed run each: no spread
+    rows = {cells[1]: cells[6:] for cells in lines}
     assert rows["train"] == ["0.50", "6.00", "4.00x", "-"]
     assert rows["train (original)"] == ["2.00", "24.00", "-", "-"]
     assert rows["train, selective lowest"] == ["0.50", "2.00", "-", "8.00x"]
     assert rows["train (authors' selective)"] == ["4.00", "16.00", "-", "-"]
     assert rows["train-floor, 1 map"] == ["1.00", "4.00", "-", "-"]
     assert rows["train-plain"] == ["-", "1.00", "-", "-"]
+
+
+def test_table_shows_the_spread_of_the_runs():
+    result = bm.CaseResult(bm.CaseSpec("explain", "isnet_fast", arch="tiny", size=32), [1.0, 1.3, 1.1], 2**20,
+                           "peak RSS")
+    header, row = [re.split(r"\s{2,}", line.strip()) for line in cli.format_table(bm.compare([result]), []).splitlines()]
+    assert row[header.index("spread")] == "27%"
 
 
 def test_table_leaves_out_the_new_columns_when_nothing_fills_them():

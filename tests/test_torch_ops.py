@@ -1,0 +1,64 @@
+"""The torch ops' no-autograd shortcuts give the full formulas' numbers."""
+
+import pytest
+import torch
+
+from helpers import rel_err
+from isnet_fast import torch_ops
+
+
+def relu_case(dtype, channels_last):
+    torch.manual_seed(0)
+    pre = torch.randn(2, 5, 7, 6, dtype=dtype)
+    scale, shift = torch.randn(5, dtype=dtype), torch.randn(5, dtype=dtype)
+    act = torch.relu(pre * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1))  # an eval BatchNorm, then ReLU
+    rel = torch.randn(2, 3, 5, 7, 6, dtype=dtype)
+    if channels_last:
+        pre, act = (t.contiguous(memory_format=torch.channels_last) for t in (pre, act))
+    return rel, act, pre, scale, shift
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_relu_shortcut_equals_the_full_gate(dtype, channels_last):
+    rel, act, pre, scale, shift = relu_case(dtype, channels_last)
+    with torch.no_grad():
+        full = torch_ops.gated_product(rel, act, pre, scale, shift, 0.01)
+        short = torch_ops.gated_product(rel, act, pre, scale, shift, 0.01, act_is_relu=True)
+        accumulated = torch_ops.gated_accumulate_(torch.ones_like(rel), rel, act, pre, scale, shift, 0.01,
+                                                  act_is_relu=True)
+    tolerance = 1e-13 if dtype == torch.float64 else 1e-5
+    assert rel_err(short, full) <= tolerance
+    assert rel_err(accumulated, full + 1) <= tolerance
+
+
+def test_relu_shortcut_of_the_pool_spread_is_exact():
+    torch.manual_seed(0)
+    pre = torch.randn(2, 4, 9, 8, dtype=torch.float64)
+    act = torch.relu(pre)
+    rel = torch.randn(2, 3, 4, 4, 4, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.equal(torch_ops.pool_spread(rel, act, pre, 0.01, act_is_relu=True),
+                           torch_ops.pool_spread(rel, act, pre, 0.01))
+
+
+def test_relu_shortcut_is_not_taken_under_autograd():
+    # With autograd the full formula keeps the original's gradients: its fold's shift is detached,
+    # the BatchNorm's bias is not, so a gate computed from the activation alone would differ.
+    rel, act, pre, scale, shift = relu_case(torch.float64, False)
+    pre.requires_grad_()
+    full = torch_ops.gated_product(rel, act, pre, scale, shift, 0.01)
+    hinted = torch_ops.gated_product(rel, act, pre, scale, shift, 0.01, act_is_relu=True)
+    (grad_full,) = torch.autograd.grad(full.sum(), pre)
+    (grad_hinted,) = torch.autograd.grad(hinted.sum(), pre)
+    assert torch.equal(grad_full, grad_hinted) and grad_full.abs().max() > 0
+
+
+def test_no_grad_gate_is_bitwise_the_autograd_gate():
+    rel, act, pre, scale, shift = relu_case(torch.float32, True)
+    pre = pre - 0.3  # some negative, some zero pre-activations
+    pre[0, 0, 0, 0] = 0
+    with torch.no_grad():
+        fast = torch_ops.gated_product(rel, act, pre, scale, shift, 0.01)
+    slow = torch_ops.gated_product(rel, act, pre.requires_grad_(), scale, shift, 0.01)
+    assert torch.equal(fast, slow.detach())
