@@ -141,9 +141,15 @@ def _selective_relevance(weight, a, z, e, classes):
         explained = classes.unsqueeze(1)  # B x 1
     zc = z.gather(1, explained)  # B x M
     contrast = zc.unsqueeze(-1) - z.unsqueeze(1)  # Z: B x M x K, exactly 0 at c' = c
-    exp_neg = torch.exp(-contrast)
-    total = exp_neg.sum(dim=-1, keepdim=True) - 1  # the c' = c term, exp(0), removed
-    quantity = contrast * exp_neg / stabilize(total, SELECTIVE_STABILIZER)
+    # Z exp(-Z) / stab(S) with S = sum exp(-Z) - 1, all scaled by exp(-m), m = max(-Z) >= 0 (as
+    # in a log-sum-exp): the same value, finite however far apart the logits are (exp(-Z) alone
+    # overflows float32 once a logit is 88 above the explained one, e.g. argmin's).
+    shift = (-contrast).amax(dim=-1, keepdim=True).detach()
+    exp_neg = torch.exp(-contrast - shift)
+    floor = torch.exp(-shift)  # the removed c' = c term, exp(0), scaled
+    total = exp_neg.sum(dim=-1, keepdim=True) - floor
+    sign = (total.detach() >= 0).to(total.dtype) * 2 - 1
+    quantity = contrast * exp_neg / (total + SELECTIVE_STABILIZER * floor * sign)
     ratio = quantity / stabilize(contrast, e)  # B x M x K
     # sum_c' (W[c] - W[c']) ratio[c'] without a B x M x K x F difference tensor
     back = weight[explained] * ratio.sum(dim=-1, keepdim=True) - ratio @ weight  # B x M x F

@@ -302,3 +302,21 @@ def test_bad_variants_raise_at_construction_and_on_the_instance(kwargs, num_clas
     with pytest.raises((ValueError, TypeError), match=words):
         setattr(model, key, value)
     assert getattr(model, key) == before  # a refused change leaves the model as it was
+
+
+def test_selective_quantity_stays_finite_for_far_apart_logits():
+    # exp(-Z) alone overflows float32 once a logit is 88 above the explained one (argmin's);
+    # scaled as in a log-sum-exp the quantity is the same and finite.
+    from isnet_fast.output import classifier_input_relevance
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(6, 4).double()
+    a = torch.rand(3, 6, dtype=torch.float64)
+    with torch.no_grad():
+        linear.weight.mul_(600.0)  # logits hundreds apart
+    y = linear(a)
+    assert (y.max(1).values - y.min(1).values).min() > 100
+    lowest = y.argmin(1)
+    exact = classifier_input_relevance(linear, a, y, 0.01, "lowest", True, lowest)
+    ours = classifier_input_relevance(linear.float(), a.float(), y.float(), 0.01, "lowest", True, lowest)
+    assert torch.isfinite(ours).all()
+    assert rel_err(ours, exact) <= 1e-4
