@@ -24,7 +24,7 @@ setup(
     install_requires=[
         "torch>=2.4",
         "triton>=3.2; platform_system=='Linux'",
-        "numpy<2.4",
+        "numpy",  # the CLI's data and explain modules; no upper bound (the kernels need none)
     ],
     extras_require={
         # the test extra brings the optional dependencies too, so CI tests what depends on them

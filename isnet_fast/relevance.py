@@ -54,7 +54,9 @@ def batchnorm_fold(bn: nn.BatchNorm2d, batch_input: torch.Tensor = None,
     """
     if bn.training:
         mean, var = statistics if statistics is not None else batch_statistics(batch_input)
-        mean, var = mean[:bn.num_features], var[:bn.num_features]
+        # float32 statistics of low-precision activations: kept so under autocast (float32
+        # parameters), back in the parameters' dtype for a model converted to bf16/fp16
+        mean, var = mean[:bn.num_features].to(bn.weight.dtype), var[:bn.num_features].to(bn.weight.dtype)
     else:
         mean, var = bn.running_mean.detach(), bn.running_var.detach()
     std = torch.sqrt(var + bn.eps)
@@ -70,6 +72,8 @@ def conv_transpose(conv: nn.Conv2d, relevance: torch.Tensor, input_hw, weight: t
     the DenseNet accepts works (the original's fixed padding needs multiples of 32).
     """
     weight = conv.weight if weight is None else weight
+    if relevance.dtype != weight.dtype and not torch.is_autocast_enabled(relevance.device.type):
+        relevance = relevance.to(weight.dtype)  # a model converted to bf16/fp16: float32 output relevance
     output_padding = []
     for dim in range(2):
         k, s, p, d = conv.kernel_size[dim], conv.stride[dim], conv.padding[dim], conv.dilation[dim]

@@ -88,3 +88,19 @@ def test_batch_statistics_in_float32_under_autocast():
     exact_var = features.double().var(dim=(0, 2, 3), unbiased=True)
     assert mean.dtype == var.dtype == torch.float32
     assert rel_err(mean, exact_mean) < 1e-6 and rel_err(var, exact_var) < 1e-5
+
+
+def test_model_converted_to_bf16_runs_within_autograds_own_bf16_error():
+    net = small_net().eval()
+    x = torch.rand(2, 3, 64, 64)
+    exact_grad = autograd_input_gradient(net.double(), x.double(), False)
+    x16 = x.to(torch.bfloat16).requires_grad_()
+    y16 = net.to(torch.bfloat16)(x16)
+    torch_error = l2_err(torch.autograd.grad(y16[:, 0].float().sum(), x16)[0], exact_grad)
+    model = IsDenseFast(net, selective=True, explain="lowest").eval()  # the network is bf16 now
+    with torch.no_grad():
+        y, R = model(x.to(torch.bfloat16))
+        _, exact = IsDenseFast(net.double(), selective=True, explain="lowest").eval()(x.double())
+    assert y.dtype == R.dtype == torch.bfloat16
+    assert torch.isfinite(R).all()
+    assert l2_err(R, exact) <= BF16_ERROR_FACTOR * torch_error

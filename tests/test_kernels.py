@@ -5,6 +5,11 @@ from the same (rounded) inputs, the Triton float32 result may be off by at most 
 torch float32 path is off, plus a tiny slack; in float64 both must agree to 1e-12. Without a GPU
 the kernels run in Triton's interpreter (tests/conftest.py), so shapes are small.
 
+Every op runs on NCHW inputs (with slices, expands, transposes) and on channels_last storage
+(channels innermost, as a channels_last pass on CUDA gives them); outputs and gradients must
+come back in the activations' layout (``test_outputs_and_gradients_come_back_in_the_activations_layout``).
+What the kernels compile to on a GPU is tested in ``tests/test_compile.py``.
+
 The float64 comparisons use an epsilon that float32 represents exactly (``E[torch.float64]``):
 the kernels currently round the stabiliser's epsilon to float32 (see
 ``test_float64_epsilon_is_not_rounded_to_float32``, which pins that down with e = 0.01).
@@ -80,6 +85,21 @@ def nonzero_pre(g, *shape):
     return sign * (0.5 + torch.rand(*shape, generator=g, dtype=torch.float64))
 
 
+def channels_last(t):
+    """A ``... x H x W x ch`` tensor seen as ``... x ch x H x W``: channels innermost (for 4-D
+    tensors exactly ``torch.channels_last``)."""
+    return t.movedim(-1, -3)
+
+
+def channels_last_base(g, *shape):
+    """Random ``... x H x W x ch`` storage for a ``... x ch x H x W`` tensor (see ``channels_last``)."""
+    return randn(g, *shape[:-3], shape[-2], shape[-1], shape[-3])
+
+
+def channels_innermost(t, channel_dim=-3):
+    return t.stride(channel_dim) == 1 and t.shape[channel_dim] > 1
+
+
 def with_zeros(t):
     """Puts exact zeros (and a negative zero) in: stab(0) = +e, as the original's sign(0) = +1."""
     t = t.clone()
@@ -101,7 +121,7 @@ class Spec:
     call: Callable  # call(ops, inputs, e) -> output
     diff: List[str]
     views: Dict[str, Callable] = field(default_factory=dict)
-    cotangent_layout: str = "contiguous"  # or "transposed" (spatial dims swapped in memory), "expand"
+    cotangent_layout: str = "contiguous"  # or "transposed" (spatial dims swapped in memory), "expand", "channels_last"
     seed: int = 1
 
     def rounded(self, dtype):
@@ -126,6 +146,8 @@ def make_cotangent(spec: Spec, shape, dtype, device):
         return randn(g, *shape[:-2], 1, 1).to(device, dtype).expand(*shape)
     if spec.cotangent_layout == "transposed":
         return randn(g, *shape[:-2], shape[-1], shape[-2]).to(device, dtype).transpose(-1, -2)
+    if spec.cotangent_layout == "channels_last":  # channels innermost, as a channels_last pass gives
+        return channels_last(randn(g, *shape[:-3], shape[-2], shape[-1], shape[-3]).to(device, dtype))
     return randn(g, *shape).to(device, dtype)
 
 
@@ -194,8 +216,9 @@ class GatedCase:
     height: int = 5
     width: int = 7
     fold: bool = True
-    rel: str = "contiguous"  # contiguous | expand | channel_slice | transposed | channels_last
-    act: str = "contiguous"  # contiguous | channel_slice (act and pre sliced from wider tensors)
+    rel: str = "contiguous"  # contiguous | expand | channel_slice | transposed | channels_last | channels_last_slice
+    # contiguous | channel_slice (act and pre sliced from wider tensors) | channels_last | channels_last_slice
+    act: str = "contiguous"
     cotangent: str = "contiguous"
     zeros_in_pre: bool = False
     fold_layout: str = "contiguous"  # or "strided": scale and shift every other element of a longer tensor
@@ -217,12 +240,22 @@ def gated_spec(case: GatedCase, seed=0) -> Spec:
     elif case.rel == "channels_last":
         rel = randn(g, b, c, h, w, ch)
         views["rel"] = lambda t: t.permute(0, 1, 4, 2, 3)
+    elif case.rel == "channels_last_slice":  # a chunk of a channels-last relevance (split_channels)
+        rel = channels_last_base(g, b, c, ch + 3, h, w)
+        views["rel"] = lambda t: channels_last(t)[:, :, 2:2 + ch]
     else:
         rel = randn(g, b, c, ch, h, w)
     if case.act == "channel_slice":
         act, pre = randn(g, b, ch + 2, h, w), randn(g, b, ch + 4, h, w)
         views["act"] = lambda t: t[:, 1:1 + ch]
         views["pre"] = lambda t: t[:, 3:3 + ch]
+    elif case.act == "channels_last":
+        act, pre = channels_last_base(g, b, ch, h, w), channels_last_base(g, b, ch, h, w)
+        views["act"] = views["pre"] = channels_last
+    elif case.act == "channels_last_slice":  # the first channels of a channels_last block's features
+        act, pre = channels_last_base(g, b, ch + 2, h, w), channels_last_base(g, b, ch + 4, h, w)
+        views["act"] = lambda t: channels_last(t)[:, 1:1 + ch]
+        views["pre"] = lambda t: channels_last(t)[:, 3:3 + ch]
     else:
         act, pre = randn(g, b, ch, h, w), randn(g, b, ch, h, w)
     if case.zeros_in_pre:
@@ -265,6 +298,18 @@ GATED_CASES = [
     pytest.param(GatedCase(cotangent="expand", height=4, width=3), id="cot_expand-4x3-fold"),
     pytest.param(GatedCase(fold_layout="strided", batch=1), id="fold_strided"),
     pytest.param(GatedCase(rel="channels_last", act="channel_slice", classes=3), id="rel_channels_last-act_slice-fold"),
+    # channels_last storage throughout, as the pass runs on CUDA with channels_last inputs
+    pytest.param(GatedCase(rel="channels_last", act="channels_last", cotangent="channels_last"),
+                 id="channels_last-b2-c2-ch3-5x7-fold"),
+    pytest.param(GatedCase(rel="channels_last_slice", act="channels_last_slice", cotangent="channels_last",
+                           fold=False, zeros_in_pre=True), id="channels_last_slices-nofold-zeros"),
+    pytest.param(GatedCase(rel="expand", act="channels_last_slice", batch=1, classes=3, height=6, width=6),
+                 id="rel_expand-act_channels_last_slice-6x6-fold"),
+    pytest.param(GatedCase(rel="channels_last", act="channels_last", batch=1, classes=1, channels=5, height=33,
+                           width=35), id="channels_last-b1-c1-ch5-33x35-tail-fold"),
+    pytest.param(GatedCase(rel="channels_last", act="channels_last", batch=1, classes=2, channels=131, height=3,
+                           width=2, cotangent="channels_last"), id="channels_last-ch131-3x2-two_channel_blocks-fold"),
+    pytest.param(GatedCase(batch=1, classes=2, channels=19, height=7, width=7), id="b1-c2-ch19-7x7-fold"),
 ]
 
 
@@ -275,8 +320,8 @@ class PoolCase:
     channels: int = 3
     pooled: tuple = (2, 3)
     extra: tuple = (1, 1)  # H = 2h + extra[0], W = 2w + extra[1]
-    rel: str = "contiguous"  # contiguous | channel_slice | transposed
-    act: str = "contiguous"  # contiguous | channel_slice
+    rel: str = "contiguous"  # contiguous | channel_slice | transposed | channels_last
+    act: str = "contiguous"  # contiguous | channel_slice | channels_last
     cotangent: str = "contiguous"
     zeros_in_pre: bool = False
 
@@ -290,6 +335,9 @@ def pooled_relevance(g, layout, b, c, ch, ph, pw, views):
     if layout == "transposed":
         views["rel"] = lambda t: t.transpose(-1, -2)
         return randn(g, b, c, ch, pw, ph)
+    if layout == "channels_last":
+        views["rel"] = channels_last
+        return channels_last_base(g, b, c, ch, ph, pw)
     return randn(g, b, c, ch, ph, pw)
 
 
@@ -305,6 +353,9 @@ def pool_spec(case: PoolCase, seed=0, pre_away_from_zero=False) -> Spec:
         act, pre = randn(g, b, ch + 3, h, w), make_pre(g, b, ch + 1, h, w)
         views["act"] = lambda t: t[:, 2:2 + ch]
         views["pre"] = lambda t: t[:, 1:1 + ch]
+    elif case.act == "channels_last":
+        act, pre = channels_last_base(g, b, ch, h, w), make_pre(g, b, h, w, ch)
+        views["act"] = views["pre"] = channels_last
     else:
         act, pre = randn(g, b, ch, h, w), make_pre(g, b, ch, h, w)
     if case.zeros_in_pre:
@@ -324,6 +375,13 @@ POOL_CASES = [
     pytest.param(PoolCase(rel="channel_slice", act="channel_slice"), id="rel_slice-act_slice"),
     pytest.param(PoolCase(rel="transposed", cotangent="transposed", classes=3), id="rel_transposed-cot_transposed"),
     pytest.param(PoolCase(cotangent="expand", extra=(2, 0)), id="6x6_from_2x3-cot_expand"),
+    pytest.param(PoolCase(rel="channels_last", act="channels_last", cotangent="channels_last"),
+                 id="channels_last-b2-c2-ch3-5x7-odd"),
+    pytest.param(PoolCase(rel="channels_last", act="channels_last", cotangent="channels_last", batch=1, classes=3,
+                           channels=5, pooled=(3, 4), extra=(0, 0), zeros_in_pre=True),
+                 id="channels_last-ch5-6x8-even-zeros"),
+    pytest.param(PoolCase(rel="channels_last", act="channels_last", batch=1, classes=1, channels=131, pooled=(1, 2)),
+                 id="channels_last-ch131-3x5-two_channel_blocks"),
 ]
 
 
@@ -335,12 +393,12 @@ class UnpoolCase:
     size: tuple = (13, 11)
     data: str = "random"  # random | ties | constant: what the max pool that made the indices saw
     geometry: tuple = (3, 2, 1)  # kernel, stride, padding
-    rel: str = "contiguous"  # contiguous | channel_slice | transposed
-    act: str = "contiguous"  # contiguous | channel_slice
+    rel: str = "contiguous"  # contiguous | channel_slice | transposed | channels_last
+    act: str = "contiguous"  # contiguous | channel_slice | channels_last (act, z and the pool's indices)
     cotangent: str = "contiguous"
 
 
-def pool_indices(g, batch, channels, size, data, geometry):
+def pool_indices(g, batch, channels, size, data, geometry, channels_last=False):
     if data == "ties":
         x = torch.randint(0, 3, (batch, channels, *size), generator=g).double()
     elif data == "constant":
@@ -348,13 +406,17 @@ def pool_indices(g, batch, channels, size, data, geometry):
     else:
         x = randn(g, batch, channels, *size)
     kernel, stride, padding = geometry
-    return F.max_pool2d(x, kernel, stride, padding, return_indices=True)[1]
+    if channels_last:  # as the network's pool gives them in a channels_last pass
+        x = x.contiguous(memory_format=torch.channels_last)
+    indices = F.max_pool2d(x, kernel, stride, padding, return_indices=True)[1]
+    assert channels_innermost(indices, 1) == (channels_last and channels > 1)
+    return indices
 
 
 def unpool_spec(case: UnpoolCase, seed=0, z_away_from_zero=False) -> Spec:
     g = generator(seed)
     b, c, ch = case.batch, case.classes, case.channels
-    indices = pool_indices(g, b, ch, case.size, case.data, case.geometry)
+    indices = pool_indices(g, b, ch, case.size, case.data, case.geometry, case.act == "channels_last")
     ph, pw = indices.shape[-2:]
     views = {}
     rel = pooled_relevance(g, case.rel, b, c, ch, ph, pw, views)
@@ -363,6 +425,9 @@ def unpool_spec(case: UnpoolCase, seed=0, z_away_from_zero=False) -> Spec:
         act, z = randn(g, b, ch + 2, *case.size), make_z(g, b, ch + 1, *case.size)
         views["act"] = lambda t: t[:, 2:]
         views["z"] = lambda t: t[:, :ch]
+    elif case.act == "channels_last":
+        act, z = channels_last_base(g, b, ch, *case.size), make_z(g, b, *case.size, ch)
+        views["act"] = views["z"] = channels_last
     else:
         act, z = randn(g, b, ch, *case.size), make_z(g, b, ch, *case.size)
     kernel, stride, padding = case.geometry
@@ -383,6 +448,10 @@ UNPOOL_CASES = [
     pytest.param(UnpoolCase(batch=1, size=(6, 5), data="ties", geometry=(3, 1, 1)), id="b1-6x5-k3s1p1-ties"),
     pytest.param(UnpoolCase(data="ties", rel="channel_slice", act="channel_slice"), id="rel_slice-act_slice-ties"),
     pytest.param(UnpoolCase(data="ties", rel="transposed", cotangent="transposed"), id="rel_transposed-cot_transposed"),
+    pytest.param(UnpoolCase(data="ties", rel="channels_last", act="channels_last", cotangent="channels_last"),
+                 id="channels_last-b2-c2-ch3-13x11-ties"),
+    pytest.param(UnpoolCase(batch=1, classes=3, channels=5, size=(9, 7), data="ties", geometry=(3, 1, 1),
+                            rel="channels_last", act="channels_last"), id="channels_last-ch5-9x7-k3s1p1-ties"),
 ]
 
 COEFFICIENTS = {1: (), 2: (1.0,), 3: (0.5, 2.0)}
@@ -396,7 +465,7 @@ class InputCase:
     channels: int = 3
     height: int = 5
     width: int = 7
-    layout: str = "contiguous"  # contiguous | sliced (back a channel slice, x a channel slice)
+    layout: str = "contiguous"  # contiguous | sliced (back a channel slice, x a channel slice) | channels_last
 
 
 def input_spec(case: InputCase, seed=0) -> Spec:
@@ -408,12 +477,16 @@ def input_spec(case: InputCase, seed=0) -> Spec:
         back, x = randn(g, b, c, parts * cin + 2, h, w), randn(g, b, cin + 1, h, w)
         views["back"] = lambda t: t[:, :, 1:1 + parts * cin]
         views["x"] = lambda t: t[:, 1:]
+    elif case.layout == "channels_last":
+        back, x = channels_last_base(g, b, c, parts * cin, h, w), channels_last_base(g, b, cin, h, w)
+        views["back"] = views["x"] = channels_last
     else:
         back, x = randn(g, b, c, parts * cin, h, w), randn(g, b, cin, h, w)
 
     def call(ops, t, e):
         return ops.input_rule(t["back"], t["x"], coefficients)
-    return Spec(dict(back=back, x=x), call, ["back", "x"], views)
+    cotangent = "channels_last" if case.layout == "channels_last" else "contiguous"
+    return Spec(dict(back=back, x=x), call, ["back", "x"], views, cotangent)
 
 
 INPUT_CASES = [
@@ -421,7 +494,8 @@ INPUT_CASES = [
     for parts in (1, 2, 3)
     for name, shape in [("b2-c2-cin3-5x7", {}),
                         ("b1-c7-cin1-3x3", dict(batch=1, classes=7, channels=1, height=3, width=3)),
-                        ("sliced", dict(layout="sliced", channels=5, classes=1))]
+                        ("sliced", dict(layout="sliced", channels=5, classes=1)),
+                        ("channels_last", dict(layout="channels_last"))]
 ] + [
     pytest.param(InputCase(parts=3, batch=1, classes=1, channels=1, height=33, width=35), id="3parts-33x35-tail"),
 ]
@@ -472,6 +546,12 @@ ACCUMULATE_CASES = [
     pytest.param(GatedCase(rel="expand", batch=1), 2, id="rel_expand-fold-prefix_of_5"),
     pytest.param(GatedCase(rel="transposed", fold=False, batch=1), 2, id="rel_transposed-nofold-prefix_of_5"),
     pytest.param(GatedCase(fold_layout="strided", batch=1), 1, id="fold_strided-prefix_of_4"),
+    # a channels_last pass: the block-wide total and the features are channels_last, the layer's
+    # input its first channels
+    pytest.param(GatedCase(rel="channels_last", act="channels_last_slice", classes=3), 2,
+                 id="channels_last-fold-act_slice-prefix_of_5"),
+    pytest.param(GatedCase(rel="channels_last", act="channels_last", batch=1, channels=131, height=2, width=3), 5,
+                 id="channels_last-ch131-two_channel_blocks-prefix_of_136"),
 ]
 
 
@@ -484,11 +564,15 @@ def test_gated_accumulate_matches_torch(case, extra_channels, dtype):
     bases = spec.rounded(dtype)
     g = generator(7)
     b, c, ch, h, w = case.batch, case.classes, case.channels, case.height, case.width
-    total = randn(g, b, c, ch + extra_channels, h, w).to(dtype)
+    if case.act.startswith("channels_last"):
+        total = channels_last(channels_last_base(g, b, c, ch + extra_channels, h, w).to(dtype))
+    else:
+        total = randn(g, b, c, ch + extra_channels, h, w).to(dtype)
 
     def accumulate(ops, dtype, device):
         inputs = make_inputs(spec, bases, dtype, device, requires_grad=False)
-        target = total.to(device, dtype).clone()
+        target = total.to(device, dtype).clone()  # keeps total's strides
+        assert target.stride() == total.stride()
         if case.fold:
             returned = ops.gated_accumulate_(target[:, :, :ch], inputs["rel"], inputs["act"], inputs["pre"],
                                              inputs["scale"], inputs["shift"], e)
@@ -505,6 +589,80 @@ def test_gated_accumulate_matches_torch(case, extra_channels, dtype):
     torch_path = {"out": accumulate(torch_ops, dtype, "cpu")[:, :, :ch]} if dtype != torch.float64 else None
     assert_accurate({"out": ours[:, :, :ch]}, torch_path, {"out": reference[:, :, :ch]}, dtype)
     assert not torch.equal(ours[:, :, :ch].cpu(), total[:, :, :ch]), "nothing was accumulated"
+
+
+# ---------------------------------------------------------------------------------------------
+# act_is_relu: the gate from act alone, without autograd
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fold", [True, False], ids=["fold", "nofold"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("accumulate", [False, True], ids=["product", "accumulate"])
+def test_gated_product_act_is_relu_reads_no_pre(fold, layout, accumulate):
+    """act = relu(pre * scale + shift) (an eval-mode BatchNorm's fold): the kernel's gate is
+    torch_ops' act * scale / (act + e), the full formula's up to rounding, and pre is never read
+    (it is NaN here)."""
+    g = generator(11)
+    b, c, ch, h, w = 2, 3, 5, 7, 9
+    rel, pre = randn(g, b, c, ch, h, w), with_zeros(randn(g, b, ch, h, w))
+    scale, shift = (randn(g, ch), randn(g, ch, scale=0.5)) if fold else (None, None)
+    act = torch.relu(pre * scale.view(-1, 1, 1) + shift.view(-1, 1, 1)) if fold else torch.relu(pre)
+    if layout == "channels_last":
+        rel = channels_last(rel.movedim(2, -1).contiguous())
+        act, pre = (t.contiguous(memory_format=torch.channels_last) for t in (act, pre))
+    e = E[torch.float64]
+    hinted = torch_ops.gated_product(rel, act, pre, scale, shift, e, act_is_relu=True)
+    full = torch_ops.gated_product(rel, act, pre, scale, shift, e)
+    assert rel_err(hinted, full) <= 1e-14
+    target = randn(g, b, c, ch, h, w)
+    if layout == "channels_last":
+        target = channels_last(target.movedim(2, -1).contiguous())
+    nan_pre = torch.full_like(pre, float("nan"))
+    with nan_filled_allocations(), torch.no_grad():
+        if accumulate:
+            ours = triton_ops.gated_accumulate_(target.clone().to(DEVICE), rel.to(DEVICE), act.to(DEVICE),
+                                                nan_pre.to(DEVICE), *(t.to(DEVICE) if fold else None
+                                                                      for t in (scale, shift)), e, act_is_relu=True)
+            expected = target + hinted
+        else:
+            ours = triton_ops.gated_product(rel.to(DEVICE), act.to(DEVICE), nan_pre.to(DEVICE),
+                                            *(t.to(DEVICE) if fold else None for t in (scale, shift)), e,
+                                            act_is_relu=True)
+            expected = hinted
+            assert ours.stride() == expected_strides(ours.shape, layout == "channels_last")
+    assert rel_err(ours, expected) <= FLOAT64_TOL
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_pool_spread_act_is_relu_reads_no_pre(layout):
+    """act = relu(pre) (the transition's ReLU): the same numbers as the full formula (division by
+    4 is exact), pre never read."""
+    g = generator(12)
+    b, c, ch, ph, pw = 2, 2, 3, 3, 4
+    rel, pre = randn(g, b, c, ch, ph, pw), with_zeros(randn(g, b, ch, 2 * ph + 1, 2 * pw))
+    act = torch.relu(pre)
+    if layout == "channels_last":
+        act, pre = (t.contiguous(memory_format=torch.channels_last) for t in (act, pre))
+    e = E[torch.float64]
+    expected = torch_ops.pool_spread(rel, act, pre, e)
+    with nan_filled_allocations(), torch.no_grad():
+        ours = triton_ops.pool_spread(rel.to(DEVICE), act.to(DEVICE), torch.full_like(pre, float("nan")).to(DEVICE), e,
+                                      act_is_relu=True)
+    assert ours.stride() == expected_strides(ours.shape, layout == "channels_last")
+    assert rel_err(ours, expected) <= FLOAT64_TOL
+    assert (ours[..., 2 * ph:, :].cpu() == 0).all()
+
+
+def test_act_is_relu_is_ignored_under_autograd():
+    """With autograd the full formula runs (its gradients are the original's): pre matters."""
+    g = generator(13)
+    rel, pre = randn(g, 1, 2, 3, 4, 5), nonzero_pre(g, 1, 3, 4, 5)
+    act = torch.relu(pre).to(DEVICE).requires_grad_()
+    rel, pre = rel.to(DEVICE).requires_grad_(), pre.to(DEVICE).requires_grad_()
+    out = triton_ops.gated_product(rel, act, pre, None, None, 0.1, act_is_relu=True)
+    assert out.requires_grad
+    grad_pre, = torch.autograd.grad(out.sum(), pre)
+    assert grad_pre.abs().max() > 0
 
 
 def test_gated_accumulate_rejects_an_output_whose_spatial_dims_do_not_flatten():
@@ -628,6 +786,76 @@ def test_gradcheck_input_rule(parts):
     assert torch.autograd.gradcheck(fn, _leaves(back, x), eps=1e-6, atol=1e-8, rtol=1e-6)
 
 
+def test_gradcheck_gated_product_channels_last():
+    g = generator(7)
+    rel, act, pre = randn(g, 1, 2, 3, 2, 3), randn(g, 1, 3, 2, 3), nonzero_pre(g, 1, 3, 2, 3)
+    scale, shift = 0.5 + torch.rand(3, generator=g, dtype=torch.float64), randn(g, 3, scale=0.05)
+
+    def fn(r, a, p, s, t):
+        return triton_ops.GatedProduct.apply(channels_last(r), channels_last(a), channels_last(p), s, t, 0.1)
+    assert torch.autograd.gradcheck(fn, _leaves(rel, act, pre, scale, shift), eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+def test_gradcheck_pool_spread_channels_last():
+    g = generator(8)
+    rel, act, pre = randn(g, 1, 2, 1, 2, 2), randn(g, 1, 5, 4, 2), nonzero_pre(g, 1, 5, 4, 2)
+
+    def fn(r, a, p):
+        return triton_ops.PoolSpread.apply(channels_last(r), channels_last(a), channels_last(p), 0.1)
+    assert torch.autograd.gradcheck(fn, _leaves(rel, act, pre), eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+def test_gradcheck_max_unpool_gated_channels_last_without_shared_pixels():
+    g = generator(9)
+    indices = pool_indices(g, 1, 2, (5, 4), "random", (2, 2, 0), channels_last=True)
+    assert not has_shared_pixels(indices)
+    rel, act, z = randn(g, 1, 2, 2, 2, 2), randn(g, 1, 5, 4, 2), nonzero_pre(g, 1, 5, 4, 2)
+    indices = indices.to(DEVICE)
+
+    def fn(r, a, q):
+        return triton_ops.MaxUnpoolGated.apply(channels_last(r), indices, channels_last(a), channels_last(q), 0.1,
+                                               2, 2, 0)
+    assert torch.autograd.gradcheck(fn, _leaves(rel, act, z), eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+def expected_strides(shape, channels_last_storage):
+    """The strides of a dense tensor of ``shape``, channels innermost or not."""
+    if not channels_last_storage:
+        return torch.empty(shape).stride()
+    return channels_last(torch.empty(*shape[:-3], shape[-2], shape[-1], shape[-3])).stride()
+
+
+@pytest.mark.parametrize("spec_factory, stored_channels_last", [
+    pytest.param(lambda: gated_spec(GatedCase()), False, id="gated_product-nchw"),
+    pytest.param(lambda: gated_spec(GatedCase(act="channel_slice", rel="expand")), False,
+                 id="gated_product-nchw-act_slice-rel_expand"),
+    pytest.param(lambda: gated_spec(GatedCase(rel="channels_last", act="channels_last", cotangent="channels_last")),
+                 True, id="gated_product-channels_last"),
+    pytest.param(lambda: gated_spec(GatedCase(rel="expand", act="channels_last_slice")), True,
+                 id="gated_product-channels_last_slice-rel_expand"),
+    pytest.param(lambda: pool_spec(PoolCase()), False, id="pool_spread-nchw"),
+    pytest.param(lambda: pool_spec(PoolCase(rel="channels_last", act="channels_last", cotangent="channels_last")),
+                 True, id="pool_spread-channels_last"),
+    pytest.param(lambda: unpool_spec(UnpoolCase(data="ties")), False, id="max_unpool_gated-nchw"),
+    pytest.param(lambda: unpool_spec(UnpoolCase(data="ties", rel="channels_last", act="channels_last",
+                                                cotangent="channels_last")), True, id="max_unpool_gated-channels_last"),
+    pytest.param(lambda: input_spec(InputCase()), False, id="input_rule-nchw"),
+    pytest.param(lambda: input_spec(InputCase(layout="channels_last")), True, id="input_rule-channels_last"),
+])
+def test_outputs_and_gradients_come_back_in_the_activations_layout(spec_factory, stored_channels_last):
+    """Dense, channels innermost for channels_last activations (so that a channels_last pass
+    stays so on CUDA), NCHW-contiguous otherwise; whatever the cotangent's layout."""
+    spec = spec_factory()
+    results = evaluate_triton(spec, spec.rounded(torch.float64), torch.float64, E[torch.float64])
+    checked = 0
+    for key, value in results.items():
+        if value.dim() < 4:
+            continue  # a fold's gradient
+        assert value.stride() == expected_strides(value.shape, stored_channels_last), key
+        checked += 1
+    assert checked >= 3
+
+
 # ---------------------------------------------------------------------------------------------
 # Determinism and bad input
 # ---------------------------------------------------------------------------------------------
@@ -641,6 +869,14 @@ def test_gradcheck_input_rule(parts):
     pytest.param(lambda: unpool_spec(UnpoolCase(batch=1, classes=1, channels=1, data="constant", size=(33, 35))),
                  id="max_unpool_gated-constant-33x35"),
     pytest.param(lambda: input_spec(InputCase(parts=3)), id="input_rule"),
+    pytest.param(lambda: gated_spec(GatedCase(batch=2, classes=2, channels=5, height=9, width=11, rel="channels_last",
+                                              act="channels_last", cotangent="channels_last")),
+                 id="gated_product-fold-channels_last"),
+    pytest.param(lambda: pool_spec(PoolCase(classes=3, rel="channels_last", act="channels_last",
+                                            cotangent="channels_last")), id="pool_spread-channels_last"),
+    pytest.param(lambda: unpool_spec(UnpoolCase(data="ties", rel="channels_last", act="channels_last",
+                                                cotangent="channels_last")), id="max_unpool_gated-ties-channels_last"),
+    pytest.param(lambda: input_spec(InputCase(parts=3, layout="channels_last")), id="input_rule-channels_last"),
 ])
 def test_bitwise_deterministic(spec_factory, dtype):
     spec = spec_factory()
