@@ -65,6 +65,13 @@ def batchnorm_fold(bn: nn.BatchNorm2d, batch_input: torch.Tensor = None,
     return scale, shift
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know (meta): no autocast there
+        return False
+
+
 def conv_transpose(conv: nn.Conv2d, relevance: torch.Tensor, input_hw, weight: torch.Tensor = None) -> torch.Tensor:
     """Transposed ``conv`` of ``relevance`` (N x out x h x w), sized back to its input ``input_hw``.
 
@@ -72,7 +79,7 @@ def conv_transpose(conv: nn.Conv2d, relevance: torch.Tensor, input_hw, weight: t
     the DenseNet accepts works (the original's fixed padding needs multiples of 32).
     """
     weight = conv.weight if weight is None else weight
-    if relevance.dtype != weight.dtype and not torch.is_autocast_enabled(relevance.device.type):
+    if relevance.dtype != weight.dtype and not _autocast_enabled(relevance.device.type):
         relevance = relevance.to(weight.dtype)  # a model converted to bf16/fp16: float32 output relevance
     output_padding = []
     for dim in range(2):
