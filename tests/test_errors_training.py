@@ -22,6 +22,7 @@ from isnet_fast.loss import NonFiniteHeatmapError
 from isnet_fast.structure import UnsupportedModelError
 from isnet_fast.training import (CHECKPOINT_FORMAT, NonFiniteError, TrainConfig, load_checkpoint, load_model,
                                  save_checkpoint, train)
+from test_training import quiet, toy_data as training_toy_data
 
 TINY = dict(growth_rate=4, block_config=(1, 1), num_init_features=8, bn_size=2, num_classes=3)
 
@@ -33,17 +34,7 @@ def tiny_model(seed=0, **settings):
 
 
 def toy_data(n=8, size=16, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    images = torch.rand(n, 3, size, size, generator=generator)
-    labels = torch.randint(0, 3, (n,), generator=generator)
-    masks = torch.zeros(n, 3, size, size)
-    masks[..., 4:12, 4:12] = 1
-    return images, labels, masks
-
-
-def quiet(**overrides):
-    return TrainConfig(**dict(dict(epochs=1, batch_size=4, P=0.5, optimizer="sgd", lr=0.01, progress=False),
-                              **overrides))
+    return training_toy_data(n, size, seed)
 
 
 def assert_short(message, *words):

@@ -26,7 +26,7 @@ def toy_data(n=12, size=32, seed=0):
     images = torch.rand(n, 3, size, size, generator=generator)
     labels = torch.randint(0, 3, (n,), generator=generator)
     masks = torch.zeros(n, 3, size, size)
-    masks[..., 8:24, 8:24] = 1
+    masks[..., size // 4:3 * size // 4, size // 4:3 * size // 4] = 1  # the central square
     return images, labels, masks
 
 

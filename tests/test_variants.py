@@ -7,7 +7,7 @@ import torch
 from helpers import load_fixture, rel_err
 from isnet_fast import DenseNet, IsDenseFast
 from isnet_fast.output import stochastic_classes
-from test_parity import TOLERANCE, build_from_fixture
+from test_parity import TOLERANCE, assert_matches_fixture, build_from_fixture
 
 # The faster reference un-pools in float64: an exact implementation lands near 1e-13.
 FASTER_TOLERANCE = {torch.float64: dict(y=1e-9, R=1e-9, grad_x=1e-9, grad_param=1e-9, running=1e-9),
@@ -63,21 +63,7 @@ def run_variant(name, dtype, backend="torch", grad=True):
 
 
 def assert_matches(data, model, x, y, R, dtype):
-    tol = FASTER_TOLERANCE[dtype]
-    assert R.shape == data["R"].shape
-    assert rel_err(y, data["y"]) <= tol["y"]
-    assert rel_err(R, data["R"]) <= tol["R"]
-    assert rel_err(x.grad, data["grad_x"]) <= tol["grad_x"]
-    params = dict(model.DenseNet.named_parameters())
-    assert set(params) == set(data["grad_params"])
-    for param_name, param in params.items():
-        grad = param.grad if param.grad is not None else torch.zeros_like(param)
-        assert rel_err(grad, data["grad_params"][param_name]) <= tol["grad_param"], param_name
-    state = model.DenseNet.state_dict()
-    running = [key for key in data["state_dict_after"] if "running" in key]
-    assert running
-    for key in running:
-        assert rel_err(state[key], data["state_dict_after"][key]) <= tol["running"], key
+    assert_matches_fixture(data, model, x, y, R, dtype, FASTER_TOLERANCE)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
