@@ -58,6 +58,16 @@ def _windows(index_ptr, b, ch, p, mask, WIDTH, POOLED_H, POOLED_W, idx_sb, idx_s
     return winner_i, winner_j, chosen_by != 0, chosen_by, first_i, first_j
 
 
+@triton.jit
+def _act_and_denominator(act_ptr, z_ptr, e_ptr, b, ch, p, mask, act_sb, act_sch, act_sp, z_sb, z_sch, z_sp,
+                         IS_FP64: tl.constexpr):
+    """The activation at each lane's input element and its stabilised denominator stab(z)."""
+    e = to_compute(tl.load(e_ptr), IS_FP64)
+    act = to_compute(tl.load(act_ptr + b * act_sb + ch * act_sch + p * act_sp, mask=mask, other=0.0), IS_FP64)
+    z = to_compute(tl.load(z_ptr + b * z_sb + ch * z_sch + p * z_sp, mask=mask, other=0.0), IS_FP64)
+    return act, stabilize(z, e)
+
+
 @triton.jit(do_not_specialize=["MAPS"])
 def _max_unpool_fwd_kernel(
     rel_ptr, index_ptr, act_ptr, z_ptr, out_ptr, e_ptr,
@@ -80,10 +90,9 @@ def _max_unpool_fwd_kernel(
     winner_i, winner_j, found, _, _, _ = _windows(
         index_ptr, b, ch, p, mask, WIDTH, POOLED_H, POOLED_W, idx_sb, idx_sch, idx_sh, idx_sw,
         KERNEL, STRIDE, PADDING, CANDIDATES)
-    e = to_compute(tl.load(e_ptr), IS_FP64)
-    act = to_compute(tl.load(act_ptr + b * act_sb + ch * act_sch + p * act_sp, mask=mask, other=0.0), IS_FP64)
-    z = to_compute(tl.load(z_ptr + b * z_sb + ch * z_sch + p * z_sp, mask=mask, other=0.0), IS_FP64)
-    gate = act / stabilize(z, e)
+    act, denominator = _act_and_denominator(act_ptr, z_ptr, e_ptr, b, ch, p, mask, act_sb, act_sch, act_sp,
+                                            z_sb, z_sch, z_sp, IS_FP64)
+    gate = act / denominator
     rel_ptrs = (rel_ptr + b * rel_sb + ch * rel_sch + winner_i.to(tl.int64) * rel_sh
                 + winner_j.to(tl.int64) * rel_sw)
     out_ptrs = out_ptr + b * out_sb + ch * out_sch + p * out_sp
@@ -120,10 +129,8 @@ def _max_unpool_bwd_kernel(
     winner_i, winner_j, found, chosen_by, first_i, first_j = _windows(
         index_ptr, b, ch, p, mask, WIDTH, POOLED_H, POOLED_W, idx_sb, idx_sch, idx_sh, idx_sw,
         KERNEL, STRIDE, PADDING, CANDIDATES)
-    e = to_compute(tl.load(e_ptr), IS_FP64)
-    act = to_compute(tl.load(act_ptr + b * act_sb + ch * act_sch + p * act_sp, mask=mask, other=0.0), IS_FP64)
-    z = to_compute(tl.load(z_ptr + b * z_sb + ch * z_sch + p * z_sp, mask=mask, other=0.0), IS_FP64)
-    denominator = stabilize(z, e)
+    act, denominator = _act_and_denominator(act_ptr, z_ptr, e_ptr, b, ch, p, mask, act_sb, act_sch, act_sp,
+                                            z_sb, z_sch, z_sp, IS_FP64)
     gate = act / denominator
     found = mask & found
     rel_ptrs = (rel_ptr + b * rel_sb + ch * rel_sch + winner_i.to(tl.int64) * rel_sh
