@@ -1,6 +1,8 @@
 #!/usr/bin/env python
 """Compile every Triton kernel launch of a DenseNet-121 relevance pass for a GPU, without a GPU.
 
+The table also holds a tiny ResNet's passes (``record_resnet_launches``: its residual-sum kernels).
+
     python bench/compile_table.py                    # the table for sm_80 and sm_90
     python bench/compile_table.py --arch 90 --json compile.json
 
@@ -68,7 +70,8 @@ if str(ROOT) not in sys.path:
 
 import isnet_fast  # noqa: E402
 import isnet_fast.model  # noqa: E402
-from isnet_fast import IsDenseFast, densenet121, triton_ops  # noqa: E402
+import isnet_fast.resnet_model  # noqa: E402
+from isnet_fast import IsDenseFast, IsResNetFast, ResNet, densenet121, triton_ops  # noqa: E402
 
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, without its warning
 
@@ -76,7 +79,9 @@ PRECISIONS = ("float32", "float16", "bfloat16", "float64")
 LOW_PRECISION = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 # (explain, selective, classes given): the model's variants; all but "all" give one map per image
 VARIANTS = {"all": ("all", False, False), "all-selective": ("all", True, False), "top": ("top", False, False),
-            "top-selective": ("top", True, False), "classes": ("all", False, True)}
+            "top-selective": ("top", True, False), "classes": ("all", False, True), "all-lrp": ("all", False, False)}
+# variants with IsDenseFast(reference_quirks=False), the LRP rules as written: the summing un-pool's kernels
+WITHOUT_QUIRKS = ("all-lrp",)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,12 +233,15 @@ def record_launches(precisions=PRECISIONS, sizes=(224, 225), layouts=("nchw", "c
                 for size in sizes:
                     for layout in layouts:
                         for mode in modes:
-                            for explain, selective, given in (VARIANTS[v] for v in variants):
+                            for variant in variants:
+                                explain, selective, given = VARIANTS[variant]
+                                quirks = variant not in WITHOUT_QUIRKS
                                 where[0] = (f"{precision}{'-autocast' if low else ''} {size}x{size} {layout} {mode} "
                                             f"explain={explain}{' selective' if selective else ''}"
-                                            f"{' classes=' if given else ''}")
+                                            f"{' classes=' if given else ''}"
+                                            f"{'' if quirks else ' reference_quirks=False'}")
                                 model = IsDenseFast(net, explain=explain, selective=selective, backend="triton",
-                                                    check_finite=False)
+                                                    check_finite=False, reference_quirks=quirks)
                                 model.train(mode == "train")
                                 x = torch.empty(batch, 3, size, size, device="meta", dtype=model_dtype)
                                 if layout == "channels_last":
@@ -252,6 +260,55 @@ def record_launches(precisions=PRECISIONS, sizes=(224, 225), layouts=("nchw", "c
                                             model(x, classes=chosen)
     finally:
         isnet_fast.model.ops_for, isnet_fast.model.check_classes = real_ops_for, real_check_classes
+    return launches
+
+
+# A tiny ResNet (``IsResNetFast``): identity-shortcut blocks (layer1) and a downsampling one
+# (layer2), 16 and 24 channels (a multiple of 16 and not), at an odd size; besides the steps it
+# shares with the DenseNet, the residual sum's kernels.
+RESNET = dict(block="basic", layers=(2, 1), stem_width=16, widths=(16, 24))
+RESNET_SIZES = (37,)
+MODELS = ("densenet121", "resnet")
+
+
+def record_resnet_launches(precisions=PRECISIONS, sizes=RESNET_SIZES, layouts=("nchw", "channels_last"),
+                           modes=("train", "no_grad"), classes: int = 3, batch: int = 2) -> List[Launch]:
+    """The tiny ResNet's passes, one map per class, recorded as ``record_launches`` records the
+    DenseNet's; each configuration's name says "resnet". No-grad passes run in eval mode and again
+    in train mode ("bn=train"), whose hints differ (``triton_ops.residual_split_gated``)."""
+    launches: List[Launch] = []
+    where = [""]
+    with torch.device("meta"):
+        net = ResNet(num_classes=classes, **RESNET)
+    real_ops_for = isnet_fast.resnet_model.ops_for
+    isnet_fast.resnet_model.ops_for = lambda backend, x: triton_ops
+    try:
+        with recording(launches, where):
+            for precision in precisions:
+                low = LOW_PRECISION.get(precision)
+                model_dtype = torch.float32 if low is not None else getattr(torch, precision)
+                net = net.to(model_dtype)
+                for size in sizes:
+                    for layout in layouts:
+                        for mode in modes:
+                            where[0] = f"{precision}{'-autocast' if low else ''} {size}x{size} {layout} {mode} resnet"
+                            model = IsResNetFast(net, backend="triton", check_finite=False).train(mode == "train")
+                            x = torch.empty(batch, 3, size, size, device="meta", dtype=model_dtype)
+                            if layout == "channels_last":
+                                x = x.contiguous(memory_format=torch.channels_last)
+                            context = autocast_on_meta(low) if low is not None else contextlib.nullcontext()
+                            formats = CudaMemoryFormats() if layout == "channels_last" else contextlib.nullcontext()
+                            with context, formats:
+                                if mode == "train":
+                                    y, R = model(x.requires_grad_())
+                                    (R.sum() + y.sum()).backward()
+                                else:  # eval mode, and train mode (its folds are not the forward's)
+                                    with torch.no_grad():
+                                        model(x)
+                                        where[0] += " bn=train"
+                                        model.train()(x)
+    finally:
+        isnet_fast.resnet_model.ops_for = real_ops_for
     return launches
 
 
@@ -418,9 +475,12 @@ def dtype_of(spec: Spec) -> str:
 
 
 def _record_chunk(record_kwargs: dict) -> list:
-    """``record_launches`` in a worker: the launches as picklable tuples."""
+    """``record_launches`` (or, for ``model="resnet"``, ``record_resnet_launches``) in a worker:
+    the launches as picklable tuples."""
+    record_kwargs = dict(record_kwargs)
+    record = record_resnet_launches if record_kwargs.pop("model", "densenet121") == "resnet" else record_launches
     return [(launch.kernel.fn.__module__, launch.kernel.fn.__name__, launch.grid, launch.args, launch.kwargs,
-             launch.where) for launch in record_launches(**record_kwargs)]
+             launch.where) for launch in record(**record_kwargs)]
 
 
 def _kernel(module: str, name: str) -> triton_jit.JITFunction:
@@ -441,13 +501,20 @@ def _map(function, tasks, jobs: int):
         return list(pool.map(function, tasks))
 
 
-def run(archs=(80, 90), jobs: int = 1, precisions=PRECISIONS, layouts=("nchw", "channels_last"),
-        **record_kwargs) -> dict:
-    """Records (in ``jobs`` processes, one chunk per precision and layout), specialises, compiles
-    every distinct specialisation for every arch, and returns the table as a dict."""
+def run(archs=(80, 90), jobs: int = 1, precisions=PRECISIONS, layouts=("nchw", "channels_last"), models=MODELS,
+        resnet_sizes=RESNET_SIZES, **record_kwargs) -> dict:
+    """Records (in ``jobs`` processes, one chunk per model, precision and layout), specialises,
+    compiles every distinct specialisation for every arch, and returns the table as a dict.
+    ``models``: "densenet121" (``record_kwargs`` say how) and "resnet" (at ``resnet_sizes``)."""
     start = time.time()
-    chunks = [dict(record_kwargs, precisions=(precision,), layouts=(layout,))
-              for precision in precisions for layout in layouts]
+    chunks = []
+    if "densenet121" in models:
+        chunks += [dict(record_kwargs, precisions=(precision,), layouts=(layout,))
+                   for precision in precisions for layout in layouts]
+    if "resnet" in models:
+        shared = {key: record_kwargs[key] for key in ("modes", "classes", "batch") if key in record_kwargs}
+        chunks += [dict(shared, model="resnet", sizes=tuple(resnet_sizes), precisions=(precision,), layouts=(layout,))
+                   for precision in precisions for layout in layouts]
     launches = [Launch(_kernel(module, name), grid, args, kwargs, where)
                 for chunk in _map(_record_chunk, chunks, jobs) for module, name, grid, args, kwargs, where in chunk]
     recorded = time.time()
@@ -509,7 +576,12 @@ def main(argv=None):
     parser.add_argument("--layouts", nargs="+", default=["nchw", "channels_last"], choices=["nchw", "channels_last"])
     parser.add_argument("--modes", nargs="+", default=["train", "no_grad"], choices=["train", "no_grad"])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
-                        help="IsDenseFast(explain=..., selective=...) or forward(x, classes=...)")
+                        help="IsDenseFast(explain=..., selective=...), forward(x, classes=...) or "
+                             "reference_quirks=False (all-lrp)")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS,
+                        help="whose passes to record: DenseNet-121's (as the options below say) and a tiny ResNet's")
+    parser.add_argument("--resnet-sizes", type=int, nargs="+", default=list(RESNET_SIZES),
+                        help="image sizes of the tiny ResNet's passes")
     parser.add_argument("--classes", type=int, default=3)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
@@ -519,7 +591,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     result = run(archs=tuple(args.arch), jobs=args.jobs, precisions=tuple(args.precisions), sizes=tuple(args.sizes),
                  layouts=tuple(args.layouts), modes=tuple(args.modes), variants=tuple(args.variants),
-                 classes=args.classes, batch=args.batch)
+                 models=tuple(args.models), resnet_sizes=tuple(args.resnet_sizes), classes=args.classes,
+                 batch=args.batch)
     result["archs"] = args.arch
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1, default=str))

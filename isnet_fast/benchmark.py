@@ -73,6 +73,8 @@ from .devices import resolve_device
 from .forward import minimum_input_size
 from .loss import heatmap_loss
 from .model import BACKENDS, IsDenseFast
+from .resnet import ResNet, resnet18, resnet34, resnet50, resnet101, resnet152
+from .resnet_model import IsResNetFast
 from .output import EXPLAIN_MODES, check_variant
 from .structure import build_plan
 
@@ -117,9 +119,18 @@ __all__ = [
 # The smoke-test architecture (--arch tiny): the layout of a DenseNet-BC at a fraction of the
 # cost, for tests and quick checks of the tooling, never for performance figures.
 TINY_DENSENET = dict(growth_rate=4, block_config=(2, 2, 2, 2), num_init_features=8, bn_size=2)
-ARCHS = ("densenet121", "densenet161", "densenet169", "densenet201", "tiny")
+TINY_RESNET = dict(block="basic", layers=(1, 1, 1, 1), stem_width=8, widths=(8, 12, 16, 24))  # --arch tiny-resnet
+DENSENET_ARCHS = ("densenet121", "densenet161", "densenet169", "densenet201", "tiny")
+RESNET_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "tiny-resnet")
+ARCHS = DENSENET_ARCHS + RESNET_ARCHS
 _OUR_BUILDERS = {"densenet121": densenet121, "densenet161": densenet161, "densenet169": densenet169,
-                 "densenet201": densenet201}
+                 "densenet201": densenet201, "resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50,
+                 "resnet101": resnet101, "resnet152": resnet152}
+
+
+def is_resnet(arch: str) -> bool:
+    """Whether ``arch`` names a ResNet (ours: IsResNetFast; the authors': their LRPResNet of code/)."""
+    return arch in RESNET_ARCHS
 
 CASES = ("explain", "train", "explain-floor", "train-floor", "train-plain")
 FLOOR_OF = {"explain": "explain-floor", "train": "train-floor"}
@@ -143,7 +154,10 @@ CUDA_ONLY_DTYPES = ("bfloat16", "float16")
 
 HEATMAP_LOSS_WEIGHT = 0.7  # P in (1-P) * cross-entropy + P * heatmap loss
 LRP_EPSILON = 1e-2  # the original IsDense's default e
-LEARNING_RATE = 1e-3  # small, so that repeated steps from random weights stay finite
+# SGD with a zero learning rate: the same work as any other rate (the update still runs), and
+# the weights stay the seed's, so every timed step computes the same numbers. With a positive
+# rate, random weights and gradient heatmaps of ten classes diverged to NaN within a few steps.
+LEARNING_RATE = 0.0
 
 REFERENCE_FILES = ("ISNetLayers.py", "ISNetFunctions.py", "LRPDenseNet.py", "globals.py")
 # The authors' newer code (the ISNet repository's code/ folder), with the Selective ISNet. Its
@@ -351,8 +365,10 @@ def case_specs(cases: Sequence[str], classes: Sequence[int], variants: Sequence[
 
 def minimum_image_size(arch: str) -> int:
     """The smallest image side the architecture accepts (every pooling layer keeps a pixel)."""
+    if is_resnet(arch):
+        return 1  # padded, strided convolutions and pools keep a pixel of any input
     with torch.device("meta"):  # no memory, no initialisation cost: only the layout matters
-        net = _build_our_densenet(arch, classes=1)
+        net = _build_our_net(arch, classes=1)
     return minimum_input_size(build_plan(net))
 
 
@@ -533,15 +549,51 @@ def build_selective_reference(reference: ReferenceModules, arch: str, classes: i
                                         highest=True)
 
 
-BUILDERS = {"original": build_original, "selective_reference": build_selective_reference}
+def build_resnet_reference(reference: ReferenceModules, arch: str, classes: int, state_dict,
+                           selective: bool = False) -> nn.Module:
+    """The authors' ResNet ISNet, ``ISNetLayersZe.LRPResNet`` of their code/ folder, over our ResNet
+    (torchvision's layout, which their ``resnet.py`` copies; theirs imports torchvision) holding
+    ``state_dict``: one map per class (``multiple=True``), or with ``selective`` their Selective
+    ISNet (``selective=True, highest=True``: the lowest logit's class-selective quantity).
+    """
+    net = _build_our_net(arch, classes)
+    net.load_state_dict(state_dict)
+    with cudnn_deterministic():
+        return reference.layers.LRPResNet(net, heat=True, e=LRP_EPSILON, Zb=True, rule="e", selective=selective,
+                                          highest=selective, multiple=not selective, positive=False)
+
+
+def _build_original(reference: ReferenceModules, arch: str, classes: int, state_dict) -> nn.Module:
+    if is_resnet(arch):
+        return build_resnet_reference(reference, arch, classes, state_dict)
+    return build_original(reference, arch, classes, state_dict)
+
+
+def _build_selective_reference(reference: ReferenceModules, arch: str, classes: int, state_dict) -> nn.Module:
+    if is_resnet(arch):
+        return build_resnet_reference(reference, arch, classes, state_dict, selective=True)
+    return build_selective_reference(reference, arch, classes, state_dict)
+
+
+BUILDERS = {"original": _build_original, "selective_reference": _build_selective_reference}
+
+
+def load_reference_for(implementation: str, arch: str, path) -> ReferenceModules:
+    """The authors' code an implementation of ``arch`` runs: for a DenseNet the original from
+    backup/ or the Selective ISNet from code/; for a ResNet both from code/ (backup/ has no ResNet)."""
+    if is_resnet(arch):
+        return load_selective_reference(path)._replace(implementation=implementation)
+    return LOADERS[implementation](path)
 
 
 # ----------------------------------------------------------------------------- building cases
 
 
-def _build_our_densenet(arch: str, classes: int) -> DenseNet:
+def _build_our_net(arch: str, classes: int) -> nn.Module:
     if arch == "tiny":
         return DenseNet(num_classes=classes, **TINY_DENSENET)
+    if arch == "tiny-resnet":
+        return ResNet(num_classes=classes, **TINY_RESNET)
     return _OUR_BUILDERS[arch](num_classes=classes)
 
 
@@ -596,15 +648,16 @@ def prepare_case(spec: CaseSpec, reference: Optional[ReferenceModules] = None) -
     # disturbing the caller's random state.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
-        net = _build_our_densenet(spec.arch, spec.classes)
+        net = _build_our_net(spec.arch, spec.classes)
     if spec.implementation in BUILDERS:
         if reference is None or reference.implementation != spec.implementation:
-            reference = LOADERS[spec.implementation](spec.reference)
+            reference = load_reference_for(spec.implementation, spec.arch, spec.reference)
         model = BUILDERS[spec.implementation](reference, spec.arch, spec.classes, net.state_dict())
         del net
     elif spec.implementation == "isnet_fast":
-        model = IsDenseFast(net, e=LRP_EPSILON, heat=True, Zb=True, explain=spec.explain, selective=spec.selective,
-                            backend=spec.backend)
+        wrapper = IsResNetFast if is_resnet(spec.arch) else IsDenseFast
+        model = wrapper(net, e=LRP_EPSILON, heat=True, Zb=True, explain=spec.explain, selective=spec.selective,
+                        backend=spec.backend)
     else:
         model = net
     model = model.to(device, dtype)
@@ -871,7 +924,7 @@ class Comparison:
 
     result: CaseResult
     floor_ratio: Optional[float] = None  # time / time of the floor with the same number of maps
-    speedup_vs_original: Optional[float] = None  # original's time / this time (ours with all maps)
+    speedup_vs_original: Optional[float] = None  # original's time (K maps) / this time (ours, any variant)
     # the authors' Selective ISNet's time / this time (ours with selective=True, explain="lowest")
     speedup_vs_selective_reference: Optional[float] = None
     plain_ratio: Optional[float] = None  # time / time of train-plain (train cases)
@@ -884,11 +937,13 @@ def compare(results: Sequence[CaseResult]) -> List[Comparison]:
     * ``floor_ratio``: to the floor of the same case kind and the same number of maps M (K for
       explain "all" and the original, 1 for the one-map variants and the authors' Selective ISNet);
     * ``plain_ratio``: a train case's time over train-plain's;
-    * ``speedup_vs_original`` / ``speedup_vs_selective_reference``: for ours, the authors'
-      implementation of the same variant (all maps / selective lowest) over ours.
+    * ``speedup_vs_original``: for ours, the original ISNet (K maps: what every variant replaces)
+      over ours, whatever our variant;
+    * ``speedup_vs_selective_reference``: for ours Selective, the authors' Selective ISNet over ours.
     """
     done = [r for r in results if r.median_s]
     by_key = {(r.spec.configuration, r.spec.case, r.spec.implementation): r for r in done}
+    originals = {(r.spec.base_configuration, r.spec.case): r for r in done if r.spec.implementation == "original"}
     floors = {(r.spec.base_configuration, r.spec.case, r.spec.maps): r for r in done if r.spec.case.endswith("-floor")}
     plain = {r.spec.base_configuration: r for r in done if r.spec.case == "train-plain"}
     comparisons = []
@@ -904,11 +959,12 @@ def compare(results: Sequence[CaseResult]) -> List[Comparison]:
                 comparison.floor_ratio = result.median_s / floor.median_s
                 comparison.floor_label = floor.spec.label
             if spec.implementation == "isnet_fast":
-                for implementation, attribute in (("original", "speedup_vs_original"),
-                                                  ("selective_reference", "speedup_vs_selective_reference")):
-                    other = by_key.get((spec.configuration, spec.case, implementation))
-                    if other is not None:
-                        setattr(comparison, attribute, other.median_s / result.median_s)
+                original = originals.get((spec.base_configuration, spec.case))
+                if original is not None:
+                    comparison.speedup_vs_original = original.median_s / result.median_s
+                theirs = by_key.get((spec.configuration, spec.case, "selective_reference"))
+                if theirs is not None:
+                    comparison.speedup_vs_selective_reference = theirs.median_s / result.median_s
         elif spec.case.endswith("-floor"):
             comparison.floor_ratio = 1.0
             comparison.floor_label = spec.label

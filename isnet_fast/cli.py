@@ -87,7 +87,8 @@ train-plain, for example
       --cases explain train --batch 1 --plot sweep.png
 
 Columns: x floor (time over the floor with the same number of maps), x plain (a train case's
-time over train-plain's), vs original and vs authors' sel. (their time over ours, same variant).
+time over train-plain's), vs original (the original's time, K maps, over ours, any variant) and
+vs authors' sel. (their Selective ISNet's time over ours Selective).
 
 On the CPU each case runs in its own process, so that its peak RSS is its own; on CUDA peak
 memory is torch.cuda.max_memory_allocated.
@@ -103,8 +104,9 @@ def _add_bench_parser(subparsers) -> None:
     parser.set_defaults(handler=run_bench, subparser=parser)
     model = parser.add_argument_group("what to measure")
     model.add_argument("--arch", choices=bm.ARCHS, default="densenet121",
-                       help="DenseNet architecture (default densenet121); 'tiny' is a smoke-test DenseNet "
-                            "(growth 4, blocks 2-2-2-2) for checking the tooling, not for figures")
+                       help="architecture (default densenet121): a DenseNet, or a ResNet (IsResNetFast, next to "
+                            "the authors' LRPResNet of code/ as the original and Selective ISNet); 'tiny' and "
+                            "'tiny-resnet' are smoke-test networks for checking the tooling, not for figures")
     model.add_argument("--batch", type=positive_int, help="images per batch (default: 2 on CPU, 8 on CUDA)")
     model.add_argument("--classes", type=positive_int, nargs="+", metavar="N",
                        help="number(s) of classes K (default: 2 on CPU, 2 10 on CUDA)")
@@ -166,9 +168,10 @@ def run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if device.type == "cuda":  # CUDA cases run in this process
         try:
             if original:
-                loaded["original"] = bm.load_reference(original)
+                loaded["original"] = bm.load_reference_for("original", args.arch, original)
             if selective_reference:
-                loaded["selective_reference"] = bm.load_selective_reference(selective_reference)
+                loaded["selective_reference"] = bm.load_reference_for("selective_reference", args.arch,
+                                                                      selective_reference)
         except bm.ReferenceFolderError as error:
             parser.error(str(error))
 
@@ -232,7 +235,8 @@ def run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 RATIO_LEGEND = ("spread: (slowest - fastest) / median of the timed runs; "
                 "x floor: time / the floor with the same maps per image (K for all maps, 1 for one map); "
-                "x plain: time / train-plain; vs original, vs authors' sel.: their time / ours, same variant.")
+                "x plain: time / train-plain; vs original: the original's time (K maps) / ours; "
+                "vs authors' sel.: the authors' selective time / ours selective.")
 
 
 def _variants(args, parser, classes):
@@ -331,6 +335,10 @@ def _validated_settings(args, parser):
             references = bm.find_references(folder)
         except bm.ReferenceFolderError as error:
             parser.error(f"{source}: {error}")
+        if bm.is_resnet(args.arch):  # the authors' ResNet ISNet, both variants, is in code/ only
+            code = references.selective_reference
+            references = bm.ReferenceFolders(code, code, None if code else (
+                f"{folder} has no code/ folder: the authors' ResNet ISNet (code/ISNetLayersZe.py) is not measured"))
     for option, path in (("--json", args.json), ("--plot", args.plot)):
         if path and Path(path).is_dir():
             parser.error(f"{option} {path}: that is a folder; name a file")

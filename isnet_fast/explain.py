@@ -1,9 +1,10 @@
 """``isnet-fast explain``: LRP heatmap PNGs for images, from a checkpoint of ours or of the original.
 
-Checkpoints written by :func:`isnet_fast.training.train` record the DenseNet's configuration,
-so nothing else is needed. The original ISNet's checkpoints (``IsDense`` state dicts, keys
-``DenseNet.*`` and ``LRPBlock.*``, or Lightning's with a ``model.`` prefix) need ``--arch`` (and
-``--classes`` when it differs from the checkpoint's classifier).
+Checkpoints written by :func:`isnet_fast.training.train` record the DenseNet's (or ResNet's)
+configuration, so nothing else is needed. The original ISNet's checkpoints (``IsDense`` state
+dicts, keys ``DenseNet.*`` and ``LRPBlock.*``; the authors' ``LRPResNet``'s, keys ``resnet.*`` and
+``LRPBlock.*``; or Lightning's with a ``model.`` prefix) need ``--arch`` (and ``--classes`` when it
+differs from the checkpoint's classifier); without it the error names the ``--arch`` their shapes fit.
 
 Also home to the heatmap helpers the demo uses: :func:`pixel_relevance`,
 :func:`relevance_inside_mask` and :func:`draw_heatmap`.
@@ -15,17 +16,20 @@ import argparse
 import sys
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+from .architectures import (DENSENET_ARCHITECTURES, RESNET_ARCHITECTURES, build_resnet, classifier_outputs,
+                            infer_resnet_config, is_resnet, known_resnet_name, wrap_network)
 from .argtypes import positive_int
 from .devices import resolve_device
-from .densenet import convert_torchvision_state_dict, densenet121, densenet161, densenet169, densenet201
+from .densenet import convert_torchvision_state_dict
 from .forward import minimum_input_size
 from .model import IsDenseFast, load_checkpoint_file
+from .resnet_model import IsResNetFast
 from .structure import build_plan
 from .training import build_densenet
 
@@ -39,11 +43,11 @@ __all__ = [
     "load_explained_model",
     "pixel_relevance",
     "relevance_inside_mask",
+    "resnet_state_dict",
     "run_explain",
 ]
 
-ARCHITECTURES = {"densenet121": densenet121, "densenet161": densenet161, "densenet169": densenet169,
-                 "densenet201": densenet201}
+ARCHITECTURES = {**DENSENET_ARCHITECTURES, **RESNET_ARCHITECTURES}
 # The torchvision-style configurations, to name the architecture a checkpoint's shapes fit.
 _KNOWN_CONFIGS = {
     "densenet121": (32, (6, 12, 24, 16), 64),
@@ -133,6 +137,27 @@ def densenet_state_dict(state_dict: Mapping[str, torch.Tensor]) -> "OrderedDict[
     return convert_torchvision_state_dict(cleaned)
 
 
+def resnet_state_dict(state_dict: Mapping[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
+    """The ResNet's own keys from ours (IsResNetFast), the authors' LRPResNet's or Lightning's state dicts.
+
+    Drops the ``model.`` (Lightning) and ``resnet.`` (LRPResNet / IsResNetFast) prefixes, the LRP
+    block's ``LRPBlock.*`` entries (aliases of the ResNet's parameters) and a Lightning module's
+    ``Cweight``; a dropout classifier's ``fc.1.*`` becomes ``fc.*`` (dropout is off in eval).
+    """
+    cleaned = OrderedDict()
+    for key, value in state_dict.items():
+        if key.startswith("model."):
+            key = key[len("model."):]
+        if key.startswith("LRPBlock.") or ".LRPBlock." in key or key == "Cweight":
+            continue
+        if key.startswith("resnet."):
+            key = key[len("resnet."):]
+        if key in ("fc.1.weight", "fc.1.bias"):
+            key = "fc." + key.split(".")[-1]
+        cleaned[key] = value
+    return cleaned
+
+
 def infer_densenet_config(state_dict: Mapping[str, torch.Tensor]) -> Optional[Dict[str, Any]]:
     """The DenseNet configuration a (cleaned) state dict's shapes fit, or None if they do not tell."""
     try:
@@ -160,15 +185,24 @@ def infer_densenet_config(state_dict: Mapping[str, torch.Tensor]) -> Optional[Di
         return None
 
 
-def _suggestion(config: Optional[Mapping[str, Any]]) -> str:
-    """Which options fit a checkpoint of this configuration."""
+def _suggestion(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """Which options fit a checkpoint's weights (its state dict as stored), a DenseNet's or a ResNet's."""
+    resnet = infer_resnet_config(resnet_state_dict(state_dict))
+    if resnet is not None:
+        name = known_resnet_name(resnet)
+        if name is not None:
+            return f"its weights fit --arch {name} --classes {resnet['num_classes']}"
+        return (f"its weights fit none of {', '.join(RESNET_ARCHITECTURES)} ({resnet['block']} blocks, layers "
+                f"{'-'.join(map(str, resnet['layers']))}, widths {'-'.join(map(str, resnet['widths']))}, stem "
+                f"width {resnet['stem_width']}, {resnet['num_classes']} classes)")
+    config = infer_densenet_config(densenet_state_dict(state_dict))
     if config is None:
-        return "the checkpoint's keys do not look like a DenseNet's"
+        return "the checkpoint's keys look like neither a DenseNet's nor a ResNet's"
     shape = (config["growth_rate"], tuple(config["block_config"]), config["num_init_features"])
     for name, known in _KNOWN_CONFIGS.items():
         if known == shape and config["bn_size"] == 4:
             return f"its weights fit --arch {name} --classes {config['num_classes']}"
-    return (f"its weights fit none of {', '.join(ARCHITECTURES)} (growth {shape[0]}, blocks "
+    return (f"its weights fit none of {', '.join(DENSENET_ARCHITECTURES)} (growth {shape[0]}, blocks "
             f"{'-'.join(map(str, shape[1]))}, {shape[2]} initial features, {config['num_classes']} classes)")
 
 
@@ -206,48 +240,72 @@ def _read_checkpoint(path: str) -> Mapping[str, Any]:
 
 
 def load_explained_model(checkpoint_path: str, arch: Optional[str] = None, classes: Optional[int] = None,
-                         e: float = 1e-2, Zb: bool = True) -> Tuple[IsDenseFast, Mapping[str, Any]]:
-    """An IsDenseFast in eval mode with the checkpoint's weights, and the checkpoint.
+                         e: float = 1e-2,
+                         Zb: bool = True) -> Tuple[Union[IsDenseFast, IsResNetFast], Mapping[str, Any]]:
+    """An IsDenseFast (an IsResNetFast for a ResNet) in eval mode with the checkpoint's weights, and
+    the checkpoint.
 
-    The DenseNet is ``arch`` with ``classes`` outputs (default: as many as the checkpoint's
-    classifier) or, without ``arch``, the configuration the checkpoint recorded. Raises
-    :class:`ExplainError` naming the keys that do not fit, and the options that would.
+    The network is ``arch`` (a DenseNet or ResNet name) with ``classes`` outputs (default: as many
+    as the checkpoint's classifier) or, without ``arch``, the configuration the checkpoint recorded
+    (``densenet_config`` or ``resnet_config``). Raises :class:`ExplainError` naming the keys that
+    do not fit, and the options that would.
     """
     checkpoint = _read_checkpoint(checkpoint_path)
-    state_dict = densenet_state_dict(checkpoint.get("state_dict", checkpoint))
-    inferred = infer_densenet_config(state_dict)
+    stored = checkpoint.get("state_dict", checkpoint)
+    if arch is not None and arch not in ARCHITECTURES:
+        raise ExplainError(f"unknown --arch {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+    records = {key for key in ("densenet_config", "resnet_config") if isinstance(checkpoint.get(key), Mapping)}
+    wants_resnet = arch in RESNET_ARCHITECTURES if arch is not None else "resnet_config" in records
+    if wants_resnet:
+        state_dict = resnet_state_dict(stored)
+        inferred, classifier_key = infer_resnet_config(state_dict), "fc.weight"
+    else:
+        state_dict = densenet_state_dict(stored)
+        inferred, classifier_key = infer_densenet_config(state_dict), "classifier.weight"
     if arch is not None:
-        if arch not in ARCHITECTURES:
-            raise ExplainError(f"unknown --arch {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
         if classes is None:
             if inferred is None:
-                raise ExplainError(f"checkpoint {checkpoint_path} has no classifier.weight to count the "
+                other = infer_densenet_config(densenet_state_dict(stored)) if wants_resnet else \
+                    infer_resnet_config(resnet_state_dict(stored))
+                if other is not None:
+                    family = "DenseNet" if wants_resnet else "ResNet"
+                    raise ExplainError(f"checkpoint {checkpoint_path} holds a {family}'s weights, which do not fit "
+                                       f"--arch {arch}: {_suggestion(stored)}")
+                raise ExplainError(f"checkpoint {checkpoint_path} has no {classifier_key} to count the "
                                    "classes from; pass --classes")
             classes = inferred["num_classes"]
-        densenet = ARCHITECTURES[arch](num_classes=classes)
+        network = ARCHITECTURES[arch](num_classes=classes)
         described = f"--arch {arch} --classes {classes}"
-    elif isinstance(checkpoint.get("densenet_config"), Mapping):
+    elif "resnet_config" in records:
+        config = dict(checkpoint["resnet_config"], dropout=None)  # dropout is off in eval anyway
+        if classes is not None:
+            config["num_classes"] = classes
+        network = build_resnet(config)
+        described = "the ResNet configuration saved in the checkpoint"
+        if classes is not None:
+            described += f" with --classes {classes}"
+    elif "densenet_config" in records:
         config = dict(checkpoint["densenet_config"], classifier_dropout=None)  # dropout is off in eval anyway
         if classes is not None:
             config["num_classes"] = classes
-        densenet = build_densenet(config)
+        network = build_densenet(config)
         described = "the DenseNet configuration saved in the checkpoint"
         if classes is not None:
             described += f" with --classes {classes}"
     else:
         raise ExplainError(f"checkpoint {checkpoint_path} does not record its architecture; pass --arch "
-                           f"({'/'.join(ARCHITECTURES)}) and --classes: {_suggestion(inferred)}")
+                           f"({'/'.join(ARCHITECTURES)}) and --classes: {_suggestion(stored)}")
 
-    problems = _mismatches(densenet, state_dict)
+    problems = _mismatches(network, state_dict)
     if problems:
         shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
-        advice = _suggestion(inferred)
-        if arch is not None and isinstance(checkpoint.get("densenet_config"), Mapping):
+        advice = _suggestion(stored)
+        if arch is not None and records:
             advice = f"the checkpoint records its architecture: leave out --arch ({advice})"
         raise ExplainError(f"checkpoint {checkpoint_path} does not fit {described}: {len(problems)} key(s) differ "
                            f"({shown}); {advice}")
-    densenet.load_state_dict(state_dict)
-    return IsDenseFast(densenet, e=e, Zb=Zb).eval(), checkpoint
+    network.load_state_dict(state_dict)
+    return wrap_network(network, e=e, Zb=Zb).eval(), checkpoint
 
 
 # ----------------------------------------------------------------------------- images
@@ -286,8 +344,9 @@ the heatmap of its top class, of --class K, or of every class (--all-classes). R
 for the class, blue against it.
 
 Checkpoints written by isnet-fast's training helpers (e.g. by `isnet-fast demo`) record their
-architecture. For the original ISNet's checkpoints (IsDense / Lightning state dicts) pass
---arch and, if the classifier differs, --classes.
+architecture, a DenseNet's or a ResNet's. For the original ISNet's checkpoints (IsDense, the
+authors' LRPResNet or Lightning state dicts) pass --arch (densenet121, ..., resnet18, ...) and, if
+the classifier differs, --classes; without --arch the error names the one that fits.
 """
 
 
@@ -312,12 +371,13 @@ def add_explain_parser(subparsers) -> argparse.ArgumentParser:
     parser.set_defaults(handler=run_explain, subparser=parser)
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format Pillow reads)")
     parser.add_argument("--checkpoint", required=True, metavar="CKPT",
-                        help="our training checkpoint, or the original's IsDense / Lightning state dict")
+                        help="our training checkpoint, or the original's IsDense / LRPResNet / Lightning "
+                             "state dict")
     parser.add_argument("--out", default="isnet-heatmaps", metavar="DIR",
                         help="folder for the PNGs (default ./isnet-heatmaps)")
     parser.add_argument("--arch", choices=tuple(ARCHITECTURES),
-                        help="the DenseNet (default: the configuration our checkpoints record; "
-                             "needed for the original's checkpoints)")
+                        help="the DenseNet or ResNet (default: the configuration our checkpoints record; "
+                             "needed for the original's and the authors' LRPResNet checkpoints)")
     parser.add_argument("--classes", type=positive_int,
                         help="number of classes (default: the checkpoint's classifier)")
     parser.add_argument("--size", type=_size, metavar="N|HxW",
@@ -363,8 +423,7 @@ def explain_images(args: argparse.Namespace) -> List[str]:
     except (TypeError, ValueError) as error:
         raise ExplainError(f"--e: {_first_line(error)}") from None
     model.Zb = args.zb if args.zb is not None else bool(trained_with.get("Zb", True))
-    n_classes = model.DenseNet.classifier.out_features if isinstance(model.DenseNet.classifier, nn.Linear) \
-        else model.DenseNet.classifier[-1].out_features
+    n_classes = classifier_outputs(model)
     if args.class_index is not None and not 0 <= args.class_index < n_classes:
         raise ExplainError(f"--class {args.class_index} is out of range: the model has {n_classes} classes "
                            f"(0 to {n_classes - 1})")
@@ -373,7 +432,9 @@ def explain_images(args: argparse.Namespace) -> List[str]:
         size = tuple(int(s) for s in checkpoint["image_size"])
     # Read every image before the first heatmap, so a bad path fails at once.
     images = [read_image(path, size) for path in args.images]
-    smallest = minimum_input_size(build_plan(model.DenseNet, model.reference_pairing))
+    # A ResNet's padded, strided convolutions and pools keep a pixel of any input; a DenseNet's
+    # unpadded poolings need a minimum size.
+    smallest = 1 if is_resnet(model) else minimum_input_size(build_plan(model.DenseNet, model.reference_pairing))
     for path, image in zip(args.images, images):
         height, width = image.shape[-2:]
         if min(height, width) < smallest:

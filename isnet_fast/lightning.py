@@ -19,6 +19,8 @@ Differences from the original module (all deliberate):
 * Any DenseNet: ``architecture`` picks densenet121 (the original's only choice, the default),
   161, 169 or 201, or takes a dict of ``isnet_fast.DenseNet`` arguments, or a DenseNet instance.
   ``dropout`` (0.5, as the original's classifier) sets the classifier's dropout.
+* Or a ResNet (an ``IsResNetFast``, the authors' ``LRPResNet``): resnet18, 34, 50, 101 or 152, a
+  dict of ``isnet_fast.ResNet`` arguments (it has ``block`` and ``layers``), or a ResNet instance.
 * ``E``, ``saveMaps`` and ``mapsLocation`` are accepted but have no effect, as in the original
   (the heatmap loss's E is ``Ea``); a warning says so when they are set.
 * ``optim='Adam'`` uses ``torch.optim.Adam`` instead of DeepSpeed's ``FusedAdam`` (the same update
@@ -62,26 +64,61 @@ except ImportError as error:  # the optional extra is not installed
         "isnet_fast.lightning needs PyTorch Lightning, an optional dependency: "
         "pip install isnet-fast[lightning]") from error
 
-from . import densenet as _densenet_module
+from .architectures import DENSENET_ARCHITECTURES, NAMED_ARCHITECTURES, RESNET_ARCHITECTURES, is_resnet, \
+    wrap_network
 from .densenet import DenseNet, convert_torchvision_state_dict
 from .loss import heatmap_loss
-from .model import IsDenseFast
+from .resnet import ResNet
 
 __all__ = ["IsDenseFastLightning", "IsDense121Lightning", "ARCHITECTURES", "resolve_variant"]
 
-ARCHITECTURES = ("densenet121", "densenet161", "densenet169", "densenet201")
+ARCHITECTURES = tuple(NAMED_ARCHITECTURES)  # densenet121, ..., resnet18, ..., resnet152
 OPTIMIZERS = ("SGD", "Adam")
 _UNUSED_DEFAULTS = {"E": 10, "saveMaps": False, "mapsLocation": ""}
 
 
 def _imagenet_state_dict(name: str) -> Mapping[str, torch.Tensor]:
-    """torchvision's ImageNet weights for DenseNet ``name`` (downloads them once)."""
+    """torchvision's ImageNet weights for DenseNet or ResNet ``name`` (downloads them once)."""
     try:
         import torchvision
     except ImportError as error:
         raise ImportError("pretrained=True loads torchvision's ImageNet weights: "
                           "pip install isnet-fast[torchvision]") from error
     return torchvision.models.get_model_weights(name).DEFAULT.get_state_dict(progress=True)
+
+
+def _build_network(architecture, classes: int, dropout: Optional[float], pretrained: bool) -> nn.Module:
+    """The network ``architecture`` names or describes: a ResNet or a DenseNet."""
+    names_a_resnet = (architecture in RESNET_ARCHITECTURES if isinstance(architecture, str) else
+                      is_resnet(architecture) if isinstance(architecture, nn.Module) else
+                      isinstance(architecture, Mapping) and ("block" in architecture or "layers" in architecture))
+    if names_a_resnet:
+        return _build_resnet(architecture, classes, dropout, pretrained)
+    return _build_densenet(architecture, classes, dropout, pretrained)
+
+
+def _build_resnet(architecture, classes: int, dropout: Optional[float], pretrained: bool) -> nn.Module:
+    if isinstance(architecture, nn.Module):
+        if pretrained:
+            raise ValueError("pretrained=True needs an architecture name (resnet18, ...), not a ResNet instance")
+        head = architecture.fc[-1] if isinstance(architecture.fc, nn.Sequential) else architecture.fc
+        if isinstance(head, nn.Linear) and head.out_features != classes:
+            raise ValueError(f"the ResNet's fc has {head.out_features} outputs but classes={classes}")
+        return architecture  # used as it is: dropout does not apply
+    if isinstance(architecture, str):
+        net = RESNET_ARCHITECTURES[architecture](num_classes=classes, dropout=dropout)
+        if pretrained:  # ImageNet weights but fc, which stays new; torchvision's keys are ours
+            weights = OrderedDict((k, v) for k, v in _imagenet_state_dict(architecture).items()
+                                  if not k.startswith("fc."))
+            missing, unexpected = net.load_state_dict(weights, strict=False)
+            missing = [key for key in missing if not key.startswith("fc.")]
+            if missing or unexpected:
+                raise RuntimeError(f"torchvision's {architecture} weights do not fit ours: missing "
+                                   f"{missing[:2]}, unexpected {unexpected[:2]}")
+        return net
+    if pretrained:
+        raise ValueError("pretrained=True needs an architecture name (resnet18, ...), not a dict")
+    return ResNet(num_classes=classes, dropout=dropout, **dict(architecture))
 
 
 def _build_densenet(architecture, classes: int, dropout: Optional[float], pretrained: bool) -> nn.Module:
@@ -95,9 +132,9 @@ def _build_densenet(architecture, classes: int, dropout: Optional[float], pretra
         return architecture  # used as it is: dropout does not apply
     if isinstance(architecture, str):
         if architecture not in ARCHITECTURES:
-            raise ValueError(f"architecture must be one of {ARCHITECTURES}, a dict of DenseNet arguments "
-                             f"or a DenseNet instance; got {architecture!r}")
-        net = getattr(_densenet_module, architecture)(num_classes=classes, dropout=dropout)
+            raise ValueError(f"architecture must be one of {ARCHITECTURES}, a dict of DenseNet or ResNet "
+                             f"arguments or a DenseNet or ResNet instance; got {architecture!r}")
+        net = DENSENET_ARCHITECTURES[architecture](num_classes=classes, dropout=dropout)
         if pretrained:  # ImageNet features; the classifier stays new, as in the original
             weights = convert_torchvision_state_dict(_imagenet_state_dict(architecture))
             features = OrderedDict((k, v) for k, v in weights.items() if not k.startswith("classifier."))
@@ -111,8 +148,8 @@ def _build_densenet(architecture, classes: int, dropout: Optional[float], pretra
         if dropout is not None:
             net.classifier = nn.Sequential(nn.Dropout(p=dropout), net.classifier)
         return net
-    raise TypeError(f"architecture must be a name, a dict of DenseNet arguments or a DenseNet instance; "
-                    f"got {type(architecture).__name__}")
+    raise TypeError(f"architecture must be a name, a dict of DenseNet or ResNet arguments or a DenseNet or ResNet "
+                    f"instance; got {type(architecture).__name__}")
 
 
 def resolve_variant(selective: bool = False, highest: bool = False, randomLogit: bool = False,
@@ -175,7 +212,8 @@ def _cut_value(value):
 
 
 class IsDenseFastLightning(pl.LightningModule):
-    """ISNet (IsDenseFast around a DenseNet) as a LightningModule, for (multi-GPU, multi-node) training.
+    """ISNet (IsDenseFast around a DenseNet, or IsResNetFast around a ResNet) as a LightningModule,
+    for (multi-GPU, multi-node) training.
 
     Batches are ``(images, masks, labels)`` (``(images, labels)`` when ``heat`` is False):
     images ``B x 3 x H x W``; masks ``B x ch x H x W`` (1 = foreground, ``ch`` 1 or 3), or
@@ -201,9 +239,13 @@ class IsDenseFastLightning(pl.LightningModule):
     Beyond the original (keyword only):
         architecture: 'densenet121' (default), 'densenet161', 'densenet169', 'densenet201', a
             dict of ``isnet_fast.DenseNet`` arguments, or a DenseNet instance (then not saved
-            in the hyperparameters: pass it again to ``load_from_checkpoint``).
+            in the hyperparameters: pass it again to ``load_from_checkpoint``); or a ResNet,
+            an ``IsResNetFast``: 'resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152'
+            (``pretrained``: torchvision's ImageNet weights, all but ``fc``), a dict of
+            ``isnet_fast.ResNet`` arguments (with ``block`` and ``layers``), or a ResNet instance.
         dropout: classifier dropout (``Sequential(Dropout, Linear)``), None for a bare Linear.
-        reference_pairing, backend: passed to ``IsDenseFast``.
+        reference_quirks (True), reference_pairing (None; the DenseNet's only), backend: passed to
+            ``IsDenseFast`` / ``IsResNetFast`` (``reference_quirks=False``: the LRP rules as written).
     ISNet variants, the authors' newer names (``ISNetLgt``, ``code/ISNetLightningZe.py``), keyword only:
         selective (False): explain the class-selective quantity instead of the logits.
         highest (False): one map per image, for argmax(y); with ``selective`` for argmin(y).
@@ -247,10 +289,12 @@ class IsDenseFastLightning(pl.LightningModule):
     one map per image, each image's mask for the explained class is used.
 
     The network is ``self.model`` (an ``IsDenseFast``; ``self.DenseNet`` is its DenseNet), so
-    checkpoint keys are ``model.DenseNet.*`` and ``IsDenseFast.load_state_dict`` takes them.
+    checkpoint keys are ``model.DenseNet.*`` and ``IsDenseFast.load_state_dict`` takes them; for a
+    ResNet an ``IsResNetFast``, keys ``model.resnet.*`` (``self.network`` is either network).
     ``load_state_dict`` also takes the original module's checkpoints (``DenseNet.*``,
-    ``LRPBlock.*`` and ``Cweight`` keys). After ``trainer.test``, ``self.TestResults`` holds
-    this process's ``(logits, labels, images, heatmaps)`` (``(logits, labels)`` without heat).
+    ``LRPBlock.*`` and ``Cweight`` keys; an LRPResNet's ``resnet.*``). After ``trainer.test``,
+    ``self.TestResults`` holds this process's ``(logits, labels, images, heatmaps)`` (``(logits,
+    labels)`` without heat).
     """
 
     def __init__(self, multiLabel: bool, multiMask: bool, classes: int,
@@ -262,10 +306,10 @@ class IsDenseFastLightning(pl.LightningModule):
                  cut2: Union[float, Sequence[float], torch.Tensor] = 25, alternativeCut: bool = False,
                  detachNorm: bool = False, var: bool = False, eps: float = 1e-10, momentum: float = 0.99,
                  *, architecture: Union[str, Mapping[str, Any], nn.Module] = "densenet121",
-                 dropout: Optional[float] = 0.5, reference_pairing: bool = True, backend: str = "auto",
+                 dropout: Optional[float] = 0.5, reference_pairing: Optional[bool] = None, backend: str = "auto",
                  selective: bool = False, highest: bool = False, randomLogit: bool = False,
                  labelLogit: bool = False, multiple: Optional[bool] = None, alternativeForeground: str = "L2",
-                 explain: Optional[str] = None):
+                 explain: Optional[str] = None, reference_quirks: bool = True):
         super().__init__()
         self.save_hyperparameters(ignore=["architecture"] if isinstance(architecture, nn.Module) else None)
         if optim not in OPTIMIZERS:
@@ -289,9 +333,10 @@ class IsDenseFastLightning(pl.LightningModule):
                              "whose class is not known from the logits; use the Original ISNet (one map per class), "
                              "highest=True (top or, with selective, lowest) or labelLogit=True")
 
-        self.model = IsDenseFast(_build_densenet(architecture, classes, dropout, pretrained), e=e, heat=heat,
-                                 Zb=Zb, explain=explain, selective=selective,
-                                 reference_pairing=reference_pairing, backend=backend)
+        self.model = wrap_network(_build_network(architecture, classes, dropout, pretrained), e=e, heat=heat,
+                                  Zb=Zb, explain=explain, selective=selective,
+                                  reference_pairing=reference_pairing, reference_quirks=reference_quirks,
+                                  backend=backend)
         self.labelLogit = labelLogit
         self.lr = LR  # an attribute, so Lightning's learning-rate finder can tune it
         self.P = P
@@ -317,8 +362,13 @@ class IsDenseFastLightning(pl.LightningModule):
     # -- the network ---------------------------------------------------------------------------
     @property
     def DenseNet(self) -> nn.Module:
-        """The DenseNet inside (the original module's attribute)."""
+        """The DenseNet inside (the original module's attribute); a ResNet's module has ``network``."""
         return self.model.DenseNet
+
+    @property
+    def network(self) -> nn.Module:
+        """The network inside, a DenseNet (``model.DenseNet``) or a ResNet (``model.resnet``)."""
+        return self.model.resnet if is_resnet(self.model) else self.model.DenseNet
 
     @property
     def heat(self) -> bool:
@@ -466,9 +516,10 @@ class IsDenseFastLightning(pl.LightningModule):
     def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True, assign: bool = False):
         """Loads this module's state dicts and the original ``IsDense121Lightning``'s.
 
-        The original's ``DenseNet.*`` keys go to ``model.DenseNet.*``; its ``LRPBlock.*`` keys
-        (aliases of the DenseNet's parameters) are dropped, and its ``Cweight`` is copied into
-        this module's ``Cweight`` when that is set (both are the hyperparameter's value).
+        The original's ``DenseNet.*`` keys go to ``model.DenseNet.*`` (an LRPResNet's ``resnet.*``
+        to ``model.resnet.*``); its ``LRPBlock.*`` keys (aliases of the network's parameters) are
+        dropped, and its ``Cweight`` is copied into this module's ``Cweight`` when that is set
+        (both are the hyperparameter's value).
         """
         cleaned = OrderedDict()
         for key, value in state_dict.items():
@@ -478,7 +529,7 @@ class IsDenseFastLightning(pl.LightningModule):
                 if self.Cweight is not None:
                     self.Cweight.copy_(value)
                 continue
-            if key.startswith("DenseNet."):
+            if key.startswith(("DenseNet.", "resnet.")):
                 key = "model." + key
             cleaned[key] = value
         return super().load_state_dict(cleaned, strict=strict, assign=assign)

@@ -55,10 +55,19 @@ class IsDenseFast(nn.Module):
     such image turns the whole batch's outputs and the BatchNorms' running statistics into NaN.
     The check costs one device sync per call; set it to False in loops where that matters.
 
-    ``reference_pairing`` keeps the original's choice of consumers in dense blocks of ten or
-    more layers (see ``isnet_fast.structure.consumer_pairs``); set it to False for the pairing
-    the LRP rules describe. ``backend`` picks the kernels: "auto" (Triton on CUDA tensors, torch
-    ops on the CPU), "triton" or "torch".
+    ``reference_quirks`` (default True) keeps the two places where the original's heatmaps
+    differ from LRP as written: the choice of consumers in dense blocks of ten or more layers
+    (see ``isnet_fast.structure.consumer_pairs``), and the max-pool un-pooling, where the pooled
+    positions that chose the same pixel overwrite each other (the last in raster order wins)
+    instead of adding up. ``reference_quirks=False`` gives the rules as written: every consumer
+    paired, the un-pooling summing (deterministic on both backends). Then, in eval mode with
+    ``Zb=False`` and ``e`` -> 0, the maps of ``explain="all"`` summed over the classes equal
+    gradient x input. ``reference_pairing`` names the first quirk alone (its older name):
+    None (default) follows ``reference_quirks``; ``reference_pairing=False`` fixes only the
+    pairing (the un-pooling still overwrites); ``reference_quirks=False`` with
+    ``reference_pairing=True`` is refused. Both can be changed on the instance; setting
+    ``reference_quirks`` sets the pairing with it. ``backend`` picks the kernels: "auto" (Triton
+    on CUDA tensors, torch ops on the CPU), "triton" or "torch".
 
     With the torch ops on the CPU the network and the relevance pass run channels_last, where
     oneDNN's convolutions are fastest; the heatmaps come back contiguous, and the numbers are
@@ -66,21 +75,23 @@ class IsDenseFast(nn.Module):
     """
 
     def __init__(self, DenseNet: nn.Module, e: float = 1e-2, heat: bool = True, Zb: bool = True,
-                 explain: str = "all", selective: bool = False, reference_pairing: bool = True,
-                 backend: str = "auto", generator: Optional[torch.Generator] = None, check_finite: bool = True):
+                 explain: str = "all", selective: bool = False, reference_pairing: Optional[bool] = None,
+                 backend: str = "auto", generator: Optional[torch.Generator] = None, check_finite: bool = True,
+                 reference_quirks: bool = True):
         super().__init__()
         self.e = e  # the properties below check these
         self.heat = heat
         self.Zb = Zb
         self.check_finite = check_finite
+        self._reference_quirks, self._reference_pairing = resolve_reference_quirks(reference_quirks,
+                                                                                   reference_pairing)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        plan = build_plan(DenseNet, reference_pairing)  # fail now, not at the first forward
+        plan = build_plan(DenseNet, self._reference_pairing)  # fail now, not at the first forward
         check_variant(explain, selective, plan.classifier.out_features)
         self.DenseNet = DenseNet
         self._explain = explain
         self._selective = selective
-        self.reference_pairing = reference_pairing
         self.backend = backend
         self.generator = generator
 
@@ -123,6 +134,25 @@ class IsDenseFast(nn.Module):
     def check_finite(self, value: bool) -> None:
         check_flag("check_finite", value)
         self._check_finite = value
+
+    @property
+    def reference_quirks(self) -> bool:
+        """The original's max-pool un-pooling (overwriting), and its dense pairing unless
+        ``reference_pairing`` was set to False; False: the LRP rules as written."""
+        return self._reference_quirks
+
+    @reference_quirks.setter
+    def reference_quirks(self, value: bool) -> None:
+        self._reference_quirks, self._reference_pairing = resolve_reference_quirks(value, None)
+
+    @property
+    def reference_pairing(self) -> bool:
+        """The original's choice of consumers in dense blocks of ten or more layers."""
+        return self._reference_pairing
+
+    @reference_pairing.setter
+    def reference_pairing(self, value: bool) -> None:
+        self._reference_quirks, self._reference_pairing = resolve_reference_quirks(self._reference_quirks, value)
 
     @property
     def explain(self) -> str:
@@ -176,7 +206,8 @@ class IsDenseFast(nn.Module):
         explained = explained_classes(acts.y, self._explain, classes, self.generator)
         at_classifier_input = classifier_input_relevance(plan.classifier, acts.classifier_input, acts.y, e,
                                                          self._explain, self._selective, explained)
-        heatmaps = relevance(plan, acts, e, self._Zb, ops, at_classifier_input)
+        heatmaps = relevance(plan, acts, e, self._Zb, ops, at_classifier_input,
+                             overwrite_unpool=self._reference_quirks)
         return acts.y, heatmaps.contiguous() if channels_last else heatmaps
 
     def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True, assign: bool = False):
@@ -423,6 +454,22 @@ def check_flag(name: str, value) -> None:
     """Raises unless ``value`` is True or False."""
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False, got {_shown(value)} of type {type(value).__name__}")
+
+
+def resolve_reference_quirks(reference_quirks: bool, reference_pairing: Optional[bool]):
+    """``(reference_quirks, reference_pairing)`` as ``IsDenseFast`` keeps them: the pairing
+    follows the quirks unless given; False alone fixes only the pairing. Raises for
+    ``reference_quirks=False`` with ``reference_pairing=True``, which contradict each other."""
+    check_flag("reference_quirks", reference_quirks)
+    if reference_pairing is None:
+        return reference_quirks, reference_quirks
+    check_flag("reference_pairing", reference_pairing)
+    if reference_pairing and not reference_quirks:
+        raise ValueError("reference_quirks=False gives the LRP rules as written, which pair every dense consumer, "
+                         "but reference_pairing=True asks for the original's pairing: give reference_quirks=False "
+                         "alone for the rules as written, or reference_quirks=True for the original's numbers "
+                         "(reference_pairing=False then fixes only the pairing)")
+    return reference_quirks, reference_pairing
 
 
 def ops_for(backend: str, x: torch.Tensor):

@@ -105,22 +105,25 @@ def explained_classes(y: torch.Tensor, explain: str, classes: Optional[torch.Ten
 
 
 def classifier_input_relevance(linear: nn.Linear, a: torch.Tensor, y: torch.Tensor, e: float, explain: str,
-                               selective: bool, classes: Optional[torch.Tensor]) -> torch.Tensor:
+                               selective: bool, classes: Optional[torch.Tensor],
+                               bias_detached_in_all: bool = False) -> torch.Tensor:
     """Relevance at the classifier's input ``a`` (``B x F``, after any dropout), ``B x M x F``.
 
     ``classes`` (``B``) picks each image's one map; None means ``explain`` is ``all`` or ``sum``.
+    ``bias_detached_in_all``: the original's one map per class also starts from the logits with
+    the bias detached (the authors' ResNet code does; their DenseNet's starts from y).
     Under autocast it computes in float32 (it is O(B x M x K x F), nothing per pixel): the
     selective quantity's exponentials and the stabilised divisions need the precision.
     """
     if a.dtype in LOW_PRECISION or y.dtype in LOW_PRECISION:
         with torch.autocast(a.device.type, enabled=False):
             return classifier_input_relevance(_Float32Linear(linear), a.float(), y.float(), e, explain,
-                                              selective, classes)
+                                              selective, classes, bias_detached_in_all)
     weight = linear.weight  # K x F
     if not selective and explain == "all" and classes is None:
         # The original ISNet: map c starts from y_c, over a denominator with the bias detached.
         z = y if linear.bias is None else y + (linear.bias.detach() - linear.bias)
-        ratio = y / stabilize(z, e)  # B x K
+        ratio = (z if bias_detached_in_all else y) / stabilize(z, e)  # B x K
         return a.unsqueeze(1) * weight.unsqueeze(0) * ratio.unsqueeze(-1)
     z = y if linear.bias is None else y + (linear.bias.detach() - linear.bias)  # the logits, bias detached
     if selective:

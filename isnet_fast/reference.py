@@ -46,7 +46,11 @@ def _identity_weight(channels, kernel, like):
         .repeat(1, 1, kernel, kernel) / (kernel * kernel)
 
 
-def reference_relevance(plan: DenseNetPlan, acts: Activations, e: float, zb: bool) -> torch.Tensor:
+def reference_relevance(plan: DenseNetPlan, acts: Activations, e: float, zb: bool, *,
+                        overwrite_unpool: bool = True) -> torch.Tensor:
+    """Heatmaps B x C x 3 x H x W, one per class. ``overwrite_unpool``: the original's un-pooling
+    (CPU ``max_unpool2d``: where several pooled positions chose a pixel, the last one written
+    wins); False adds every pooled position's relevance into the pixel it chose."""
     f = plan.features
     y, a = acts.y, acts.classifier_input
     linear = plan.classifier
@@ -104,9 +108,14 @@ def reference_relevance(plan: DenseNetPlan, acts: Activations, e: float, zb: boo
     batch, classes = total.shape[:2]
     pool = f.pool0
     indices = acts.pool0_indices.repeat_interleave(classes, dim=0)
-    unpooled = F.max_unpool2d(total.flatten(0, 1), indices, pool.kernel_size, pool.stride, pool.padding,
-                              output_size=acts.relu0_out.shape[-2:]).view(batch, classes, channels,
-                                                                          *acts.relu0_out.shape[-2:])
+    input_hw = acts.relu0_out.shape[-2:]
+    if overwrite_unpool:
+        unpooled = F.max_unpool2d(total.flatten(0, 1), indices, pool.kernel_size, pool.stride, pool.padding,
+                                  output_size=input_hw)
+    else:
+        flat = total.flatten(0, 1).flatten(2)  # (B C) x ch x (h w)
+        unpooled = flat.new_zeros(*flat.shape[:2], input_hw[0] * input_hw[1]).scatter_add(2, indices.flatten(2), flat)
+    unpooled = unpooled.view(batch, classes, channels, *input_hw)
     at_relu0 = acts.relu0_out.unsqueeze(1) * unpooled
 
     conv0, x = f.conv0, acts.x

@@ -262,15 +262,15 @@ def pool_relevance(plan: DenseNetPlan, acts: Activations, at_classifier_input: t
     return factor[..., None, None]
 
 
-def stem_relevance(plan: DenseNetPlan, acts: Activations, quotient: torch.Tensor, e: float, zb: bool,
-                   ops) -> torch.Tensor:
-    """From the first block's input quotient to the input heatmaps: max-pool un-pooling (with the
-    original's overwrite rule) and conv0/norm0 by the z^B rule or the epsilon rule."""
-    f = plan.features
-    x, conv0, pool = acts.x, f.conv0, f.pool0
-    scale, shift = batchnorm_fold(f.norm0, acts.conv0_out)
-    z = acts.conv0_out * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
-    weight = conv0.weight * scale.view(-1, 1, 1, 1)
+def input_layer_terms(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, conv_out: torch.Tensor, zb: bool):
+    """The input layer's (a conv with its BatchNorm folded) rule: its stabilised denominator's
+    pre-activation ``z``, the weights to transpose (concatenated along the input channels) and
+    the coefficients ``ops.input_rule`` subtracts their extra parts with. The epsilon rule
+    without ``zb``; with it z^B over the pixel bounds ZB_LOW and ZB_HIGH. Shared by the
+    DenseNet's stem and the ResNet's."""
+    scale, shift = batchnorm_fold(bn, conv_out)
+    z = conv_out * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+    weight = conv.weight * scale.view(-1, 1, 1, 1)
     weights, coefficients = [weight], []
     if zb:
         # z^B: subtract what the pixel bounds would give through the weights' clipped parts
@@ -279,11 +279,23 @@ def stem_relevance(plan: DenseNetPlan, acts: Activations, quotient: torch.Tensor
             if bound != 0:
                 clipped_weight, clipped_shift = clip(weight, 0), clip(shift, 0)
                 z = z - F.conv2d(ones * bound, clipped_weight, clipped_shift * bound,
-                                 conv0.stride, conv0.padding, conv0.dilation)
+                                 conv.stride, conv.padding, conv.dilation)
                 weights.append(clipped_weight)
                 coefficients.append(bound)
+    return z, weights, coefficients
+
+
+def stem_relevance(plan: DenseNetPlan, acts: Activations, quotient: torch.Tensor, e: float, zb: bool,
+                   ops, overwrite_unpool: bool = True) -> torch.Tensor:
+    """From the first block's input quotient to the input heatmaps: max-pool un-pooling (with the
+    original's overwrite rule, or summing where ``overwrite_unpool`` is False) and conv0/norm0 by
+    the z^B rule or the epsilon rule."""
+    f = plan.features
+    x, conv0, pool = acts.x, f.conv0, f.pool0
+    z, weights, coefficients = input_layer_terms(conv0, f.norm0, x, acts.conv0_out, zb)
     kernel, stride, padding = (_square(v) for v in (pool.kernel_size, pool.stride, pool.padding))
-    unpooled = ops.max_unpool_gated(quotient, acts.pool0_indices, acts.relu0_out, z, e, kernel, stride, padding)
+    unpooled = ops.max_unpool_gated(quotient, acts.pool0_indices, acts.relu0_out, z, e, kernel, stride, padding,
+                                    overwrite=overwrite_unpool)
     back = conv_transpose(conv0, merge_batch_and_classes(unpooled), x.shape[-2:], torch.cat(weights, dim=1))
     return ops.input_rule(split_batch_and_classes(back, x.shape[0]), x, coefficients)
 
@@ -296,11 +308,13 @@ def _square(value) -> int:
 
 
 def relevance(plan: DenseNetPlan, acts: Activations, e: float, zb: bool, ops=torch_ops,
-              at_classifier_input: Optional[torch.Tensor] = None) -> torch.Tensor:
+              at_classifier_input: Optional[torch.Tensor] = None, *, overwrite_unpool: bool = True) -> torch.Tensor:
     """Heatmaps B x M x 3 x H x W from the forward pass's activations.
 
     ``at_classifier_input`` is the relevance at the classifier's input, B x M x F (what the maps
     explain, ``isnet_fast.output``); by default the original's one map per class.
+    ``overwrite_unpool`` keeps the original's max-pool un-pooling (the last pooled position that
+    chose a pixel wins); False sums them, as the LRP rules read (``IsDenseFast(reference_quirks=False)``).
     Without autograd each relevance tensor is dropped as soon as its last consumer has used it,
     so the pass holds about one block's worth (the block-wide accumulator) at a time.
     """
@@ -320,4 +334,4 @@ def relevance(plan: DenseNetPlan, acts: Activations, e: float, zb: bool, ops=tor
         first, factor = post_block_relevance(block, block_acts, factor, e, ops, statistics), None
         quotient = block_relevance(block, block_acts, first, e, in_place, ops, statistics)
         del first
-    return stem_relevance(plan, acts, quotient, e, zb, ops)
+    return stem_relevance(plan, acts, quotient, e, zb, ops, overwrite_unpool)

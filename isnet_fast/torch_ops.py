@@ -142,10 +142,32 @@ def pool_spread(rel, act, pre, e, act_is_relu=False):
     return channels_first_view(channels_last_view(spread) * channels_last_view(factor).unsqueeze(1))
 
 
-def max_unpool_gated(rel, indices, act, z, e, kernel_size, stride, padding):
-    """Un-pools rel with the original's overwrite rule, times act / stab(z)."""
+def max_unpool_sum(rel, indices, input_hw):
+    """Un-pools rel (B x C x ch x h x w) as the LRP rules read: each pooled position's relevance
+    is added into the input pixel it chose (``indices``, max_pool2d's, shared by the classes).
+
+    A scatter-add over the flattened pixels, with the channels last (so channels_last tensors
+    stay so): the adjoint of max-pool's gather, and autograd's backward of it is that gather.
+    Deterministic on the CPU; on CUDA torch's scatter-add sums with atomics, in no fixed order.
+    """
+    batch, classes, channels = rel.shape[:3]
+    height, width = input_hw
+    pooled = channels_last_view(rel).flatten(-3, -2)  # B x C x (h w) x ch
+    chosen = channels_last_view(indices).flatten(-3, -2).unsqueeze(1).expand_as(pooled)
+    unpooled = pooled.new_zeros(batch, classes, height * width, channels).scatter_add(2, chosen, pooled)
+    return channels_first_view(unpooled.view(batch, classes, height, width, channels))
+
+
+def max_unpool_gated(rel, indices, act, z, e, kernel_size, stride, padding, overwrite=True):
+    """Un-pools rel, times act / stab(z): with ``overwrite`` by the original's rule (where several
+    pooled positions chose a pixel the last one in raster order wins, see
+    ``functions.overwrite_winners``), else summing them (``max_unpool_sum``). The pool's
+    geometry is not needed here (the indices say it all); the Triton kernels take it."""
     input_hw = tuple(act.shape[-2:])
-    unpooled = max_unpool_overwrite(rel, indices, overwrite_winners(indices, input_hw), input_hw)
+    if overwrite:
+        unpooled = max_unpool_overwrite(rel, indices, overwrite_winners(indices, input_hw), input_hw)
+    else:
+        unpooled = max_unpool_sum(rel, indices, input_hw)
     gate = channels_last_view(act) / stabilize(channels_last_view(z), e)
     return channels_first_view(channels_last_view(unpooled) * gate.unsqueeze(1))
 
@@ -158,3 +180,56 @@ def input_rule(back, x, coefficients=()):
     for k, coefficient in enumerate(coefficients, start=1):
         heat = heat - coefficient * back[..., k * channels:(k + 1) * channels]
     return channels_first_view(heat)
+
+
+# ---------------------------------------------------------------------------------------------
+# The ResNet's residual sum (``isnet_fast.resnet_relevance``). With ``s = a + b`` (the shortcut
+# ``a`` and the branch ``b``, before the post-sum ReLU ``out = relu(s)``) and relevance
+# ``out * rel`` at the block's output, the shortcut gets ``out * rel * a / stab(s)`` and the
+# branch ``out * rel * b / stab(s)``; each is consumed by an epsilon step (or, for an identity
+# shortcut, added to the block input's factor) in the same pass.
+# ---------------------------------------------------------------------------------------------
+
+def _one_dtype(*tensors) -> bool:
+    """Whether in-place steps keep the dtype the formula's type promotion gives."""
+    return len({t.dtype for t in tensors}) == 1
+
+
+def _share_denominator(out, total, e, out_is_relu):
+    """stab(total) in a new tensor, without autograd; from ``out`` alone when out = relu(total):
+    out + e equals total + e where total > 0, and where total <= 0 out = 0 zeroes the share either way."""
+    return out + e if out_is_relu else _stabilize_into_sign(total, e)
+
+
+def residual_split_gated(rel, out, total, part, pre, scale, shift, e, out_is_relu=False, part_is_fold=False):
+    """One side's share of the residual sum times the gate of the BatchNorm-folded conv that made it:
+    ``rel * out * part / stab(total) * scale / stab(pre * scale + shift)``.
+
+    ``part`` is the branch's last BatchNorm output (or the downsample BatchNorm's), ``pre`` the
+    conv output it normalised, ``scale``/``shift`` that BatchNorm's fold; the result is what the
+    conv's transposed convolution takes. All of ``out``, ``total``, ``part`` carry gradients.
+    Hints, used only without autograd: ``out_is_relu`` (out = relu(total)) gives the same numbers
+    without reading ``total``; ``part_is_fold`` (an eval-mode BatchNorm: part is pre * scale +
+    shift up to rounding) divides by stab(part) instead, without reading ``pre`` or ``shift``.
+    """
+    out, total, part, pre = (channels_last_view(t) for t in (out, total, part, pre))
+    if _records_graph(rel, out, total, part, pre, scale, shift) or not _one_dtype(out, total, part, pre, scale, shift):
+        gate = out * part / stabilize(total, e) * scale / stabilize(pre * scale + shift, e)
+    else:  # the same operations in the same order, in place on temporaries
+        gate = (out * part).div_(_share_denominator(out, total, e, out_is_relu)).mul_(scale)
+        gate.div_(_stabilize_into_sign(part if part_is_fold else (pre * scale).add_(shift), e))
+    return channels_first_view(channels_last_view(rel) * gate.unsqueeze(1))
+
+
+def residual_shortcut_add(back, rel, out, total, e, out_is_relu=False):
+    """An identity shortcut's share added to the branch's factor at the block input:
+    ``back + rel * out / stab(total)`` (the shortcut is the block input itself, so its share of
+    ``out * rel``, divided by that input, is ``rel * out / stab(total)``). ``out_is_relu`` as in
+    ``residual_split_gated``."""
+    out, total = channels_last_view(out), channels_last_view(total)
+    if _records_graph(back, rel, out, total) or not _one_dtype(back, rel, out, total):
+        gate = out / stabilize(total, e)
+        return channels_first_view(channels_last_view(back) + channels_last_view(rel) * gate.unsqueeze(1))
+    denominator = _share_denominator(out, total, e, out_is_relu)
+    gate = torch.div(out, denominator, out=denominator)
+    return channels_first_view((channels_last_view(rel) * gate.unsqueeze(1)).add_(channels_last_view(back)))

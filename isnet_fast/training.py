@@ -14,9 +14,11 @@ one map of the one-map variants (``B x 1 x 3 x H x W``) with the same masks.
 A checkpoint is a dict that ``torch.load(..., weights_only=True)`` reads, so
 ``IsDenseFast.from_checkpoint`` loads its weights directly (key ``state_dict``). It also holds
 the optimizer, the completed epoch, the RNG states, the per-epoch history, the training
-settings, the DenseNet's configuration (``densenet_config``), the IsDenseFast's LRP settings
-(``isdensefast``: e, Zb, reference_pairing, explain, selective) and the training image size, from
-which :func:`load_model` and ``isnet-fast explain`` rebuild the model. A resumed run takes the
+settings, the DenseNet's configuration (``densenet_config``; a ResNet's: ``resnet_config``), the
+IsDenseFast's LRP settings (``isdensefast``, an IsResNetFast's too: e, Zb, reference_pairing (the
+DenseNet only), reference_quirks, explain, selective) and the training image size, from which
+:func:`load_model` and ``isnet-fast explain`` rebuild the model. A ResNet trains as a DenseNet
+does: pass an ``IsResNetFast`` (or, for ``P = 0``, a bare ResNet) instead. A resumed run takes the
 variant (explain, selective) from the checkpoint; checkpoints written before the variants existed
 read as the Original ISNet (``explain="all"``, ``selective=False``).
 
@@ -47,9 +49,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .architectures import ISNET_MODELS, build_resnet, is_resnet, resnet_config
 from .densenet import DenseNet
 from .loss import NonFiniteHeatmapError, heatmap_loss
 from .model import IsDenseFast, load_checkpoint_file
+from .resnet_model import IsResNetFast
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -63,6 +67,7 @@ __all__ = [
     "isdensefast_settings",
     "load_checkpoint",
     "load_model",
+    "resnet_config",
     "save_checkpoint",
     "scheduled_lr",
     "train",
@@ -240,8 +245,8 @@ def _model_device(model: nn.Module) -> torch.device:
 
 @contextlib.contextmanager
 def _heat(model: nn.Module, on: bool):
-    """Sets an IsDenseFast's ``heat`` for the duration (other models are left alone)."""
-    if not isinstance(model, IsDenseFast):
+    """Sets an IsDenseFast's or IsResNetFast's ``heat`` for the duration (other models are left alone)."""
+    if not isinstance(model, ISNET_MODELS):
         yield
         return
     previous = model.heat
@@ -369,7 +374,7 @@ def _rng_state(shuffle_generator: torch.Generator, model: Optional[nn.Module] = 
     state = {"shuffle": shuffle_generator.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
-    generator = getattr(model, "generator", None) if isinstance(model, IsDenseFast) else None
+    generator = getattr(model, "generator", None) if isinstance(model, ISNET_MODELS) else None
     if generator is not None:  # the Stochastic ISNet's own generator, when it has one
         state["isdensefast_generator"] = generator.get_state()
     return state
@@ -381,7 +386,7 @@ def _restore_rng_state(state: Mapping[str, Any], shuffle_generator: torch.Genera
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    generator = getattr(model, "generator", None) if isinstance(model, IsDenseFast) else None
+    generator = getattr(model, "generator", None) if isinstance(model, ISNET_MODELS) else None
     if generator is not None and "isdensefast_generator" in state:
         generator.set_state(state["isdensefast_generator"])
 
@@ -394,7 +399,7 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, masks: O
           resume: bool = False, log_path: Optional[PathLike] = None,
           validation: Optional[Mapping[str, Any]] = None,
           on_epoch_end: Optional[Callable[[Dict[str, Any]], None]] = None) -> List[Dict[str, Any]]:
-    """Trains ``model`` (an IsDenseFast for ``P > 0``) on in-memory tensors; returns the history.
+    """Trains ``model`` (an IsDenseFast or IsResNetFast for ``P > 0``) on in-memory tensors; returns the history.
 
     Args:
         images, labels, masks: the training set, on any device (batches move to the model's).
@@ -427,8 +432,9 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, masks: O
     check costs one host sync per step, which also reads the step's figures for the log.
     """
     config = config or TrainConfig()
-    if config.P > 0 and not isinstance(model, IsDenseFast):
-        raise TypeError(f"P > 0 needs heatmaps: wrap the network in IsDenseFast (got {type(model).__name__})")
+    if config.P > 0 and not isinstance(model, ISNET_MODELS):
+        raise TypeError(f"P > 0 needs heatmaps: wrap the network in IsDenseFast (a DenseNet) or IsResNetFast "
+                        f"(a ResNet) (got {type(model).__name__})")
     if config.P > 0 and masks is None:
         raise ValueError("P > 0 needs foreground masks")
     if config.explain_labels and config.P > 0 and (labels.dim() != 1 or labels.dtype.is_floating_point
@@ -479,7 +485,7 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, masks: O
                     "history": history,
                     "train_config": dataclasses.asdict(config),
                     "run": run,
-                    "densenet_config": densenet_config(model),
+                    **_architecture_record(model),
                     "isdensefast": _isdensefast_settings(model),
                     "image_size": list(images.shape[-2:]),
                 })
@@ -492,55 +498,79 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, masks: O
     return history
 
 
+def _architecture_record(model: nn.Module) -> Dict[str, Any]:
+    """What a checkpoint records of the network, to rebuild it: ``resnet_config`` for a ResNet,
+    ``densenet_config`` for a DenseNet (bare or wrapped)."""
+    if is_resnet(model):
+        return {"resnet_config": resnet_config(model)}
+    return {"densenet_config": densenet_config(model)}
+
+
 def _isdensefast_settings(model: nn.Module) -> Optional[Dict[str, Any]]:
-    """What a checkpoint records of an IsDenseFast: its LRP rules and its variant."""
-    if not isinstance(model, IsDenseFast):
+    """What a checkpoint records of an IsDenseFast or IsResNetFast: its LRP rules and its variant
+    (under the key ``isdensefast`` for both; a ResNet has no ``reference_pairing``)."""
+    if not isinstance(model, ISNET_MODELS):
         return None
-    return {"e": float(model.e), "Zb": bool(model.Zb), "reference_pairing": bool(model.reference_pairing),
-            "explain": str(model.explain), "selective": bool(model.selective)}
+    settings = {"e": float(model.e), "Zb": bool(model.Zb), "reference_quirks": bool(model.reference_quirks),
+                "explain": str(model.explain), "selective": bool(model.selective)}
+    if isinstance(model, IsDenseFast):
+        settings["reference_pairing"] = bool(model.reference_pairing)
+    return settings
 
 
 # What checkpoints written before the settings existed mean: the Original ISNet's defaults.
-_SETTING_DEFAULTS = {"e": 1e-2, "Zb": True, "reference_pairing": True, "explain": "all", "selective": False}
+_SETTING_DEFAULTS = {"e": 1e-2, "Zb": True, "reference_pairing": True, "reference_quirks": True, "explain": "all",
+                     "selective": False}
 
 
 def isdensefast_settings(checkpoint: Mapping[str, Any]) -> Dict[str, Any]:
     """The IsDenseFast keyword arguments a training checkpoint (a dict, as :func:`load_checkpoint`
-    returns it) was trained with: ``e``, ``Zb``, ``reference_pairing``, ``explain`` and
-    ``selective``.
+    returns it) was trained with: ``e``, ``Zb``, ``reference_pairing``, ``reference_quirks``,
+    ``explain`` and ``selective``.
 
     Keys an older checkpoint lacks take the defaults (``explain="all"``, ``selective=False``: the
     Original ISNet). Pass them on: ``IsDenseFast.from_checkpoint(path, net, **isdensefast_settings(c))``.
+    For a ResNet's checkpoint (``resnet_config``) they are IsResNetFast's, without ``reference_pairing``.
     """
     recorded = checkpoint.get("isdensefast")
     recorded = recorded if isinstance(recorded, Mapping) else {}
     settings = {key: recorded.get(key, default) for key, default in _SETTING_DEFAULTS.items()}
     settings["e"] = float(settings["e"])
-    for key in ("Zb", "reference_pairing", "selective"):
+    for key in ("Zb", "reference_pairing", "reference_quirks", "selective"):
         settings[key] = bool(settings[key])
     settings["explain"] = str(settings["explain"])
+    if isinstance(checkpoint.get("resnet_config"), Mapping):
+        del settings["reference_pairing"]  # the DenseNet's alone: IsResNetFast takes no such argument
     return settings
 
 
-def load_model(path: PathLike, map_location="cpu", **overrides) -> IsDenseFast:
-    """The IsDenseFast a training checkpoint holds: its DenseNet (rebuilt from ``densenet_config``),
-    weights, LRP rules and variant (:func:`isdensefast_settings`), in eval mode.
+def load_model(path: PathLike, map_location="cpu", **overrides) -> Union[IsDenseFast, IsResNetFast]:
+    """The IsDenseFast (or, for a ResNet, IsResNetFast) a training checkpoint holds: its network
+    (rebuilt from ``densenet_config`` or ``resnet_config``), weights, LRP rules and variant
+    (:func:`isdensefast_settings`), in eval mode.
 
-    ``overrides`` replace recorded IsDenseFast arguments (e.g. ``explain="all"`` for a map per
-    class, or ``backend``).
+    ``overrides`` replace recorded IsDenseFast / IsResNetFast arguments (e.g. ``explain="all"``
+    for a map per class, or ``backend``).
     """
     checkpoint = load_checkpoint(path, map_location=map_location)
-    if not isinstance(checkpoint.get("densenet_config"), Mapping):
-        raise ValueError(f"{path} does not record its DenseNet's configuration (densenet_config)")
     settings = dict(isdensefast_settings(checkpoint), **overrides)
-    model = IsDenseFast(build_densenet(checkpoint["densenet_config"]), **settings)
-    model.load_state_dict(checkpoint["state_dict"])
+    if isinstance(checkpoint.get("resnet_config"), Mapping):
+        model = IsResNetFast(build_resnet(checkpoint["resnet_config"]), **settings)
+    elif isinstance(checkpoint.get("densenet_config"), Mapping):
+        model = IsDenseFast(build_densenet(checkpoint["densenet_config"]), **settings)
+    else:
+        raise ValueError(f"{path} does not record its network's configuration (densenet_config or resnet_config)")
+    state_dict = checkpoint["state_dict"]
+    prefix = "resnet." if isinstance(model, IsResNetFast) else "DenseNet."
+    if not any(str(key).startswith(prefix) for key in state_dict):  # a bare network's (P = 0, no wrapper)
+        state_dict = {prefix + str(key): value for key, value in state_dict.items()}
+    model.load_state_dict(state_dict)
     return model.to(map_location if isinstance(map_location, (str, torch.device)) else "cpu").eval()
 
 
 def _restore_variant(model: nn.Module, checkpoint: Mapping[str, Any]) -> None:
-    """A resumed IsDenseFast continues with the variant its checkpoint was trained with."""
-    if not isinstance(model, IsDenseFast) or not isinstance(checkpoint.get("isdensefast"), Mapping):
+    """A resumed IsDenseFast or IsResNetFast continues with the variant its checkpoint was trained with."""
+    if not isinstance(model, ISNET_MODELS) or not isinstance(checkpoint.get("isdensefast"), Mapping):
         return
     recorded = isdensefast_settings(checkpoint)
     wanted = (recorded["explain"], recorded["selective"])

@@ -7,6 +7,12 @@ on the tile's fast axis, NCHW puts pixels there, so that consecutive lanes read 
 addresses either way. Offsets are int64 throughout: program ids and aranges are widened before
 any multiplication, so no index product is ever formed in int32 (``tests/test_compile.py``
 checks the compiled TTIR for that).
+
+Every launcher takes ``wrap_triton``, applied to its kernel before ``[grid](...)``: the kernel
+itself by default, ``torch.library.wrap_triton`` (or a wrapper of it) where the launcher runs
+inside a ``torch.library.triton_op`` (``isnet_fast.triton_ops``), so that tracing records the
+launch. The parameter bears torch's name because torch finds a triton_op's kernels (for
+AOTAutograd's cache key) by looking for calls so named in its source.
 """
 
 import functools
@@ -69,6 +75,11 @@ def sum_over_pixels(x, CHANNELS_LAST: tl.constexpr):
         return tl.sum(x, axis=1)
 
 
+def unwrapped(kernel):
+    """The launchers' default ``wrap_triton``: launch the kernel as it is."""
+    return kernel
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -81,8 +92,12 @@ def _scalars(values, dtype, device):
 def scalars(values, like):
     """Runtime scalars as a tensor in the compute dtype: Triton would pass Python floats as fp32,
     and fp64 tensors need them exact. Cached per value and device: one host-to-device copy, not
-    one per launch."""
-    return _scalars(tuple(float(v) for v in values), compute_dtype(like.dtype), like.device)
+    one per launch; not while traced (fake or functional tensors, a dispatch mode on), where a
+    cached tensor would belong to the trace and outlive it."""
+    values, dtype = tuple(float(v) for v in values), compute_dtype(like.dtype)
+    if type(like) is not torch.Tensor or torch._C._len_torch_dispatch_stack() > 0:
+        return torch.tensor(values, dtype=dtype, device=like.device)
+    return _scalars(values, dtype, like.device)
 
 
 def channels_innermost(t: torch.Tensor, channel_dim: int) -> bool:

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ._common import (MAX_REGISTERS, channels_innermost, compute_dtype, empty, grid, scalars, spatial_strides,
-                      stabilize, sum_over_pixels, tile, tile_indices, to_compute)
+                      stabilize, sum_over_pixels, tile, tile_indices, to_compute, unwrapped)
 
 
 @triton.jit
@@ -173,7 +173,7 @@ def _fold(scale, shift, like):
     return scale.contiguous(), shift.contiguous(), True  # the kernel reads them at ch
 
 
-def gated_product_forward(rel, act, pre, scale, shift, e, out=None, act_is_relu=False):
+def gated_product_forward(rel, act, pre, scale, shift, e, out=None, act_is_relu=False, wrap_triton=unwrapped):
     """Launches the forward. ``rel``: B x M x CH x H x W (any strides with flattenable H, W);
     ``act``, ``pre``: B x CH x H x W; ``scale``, ``shift``: CH or None. With ``out`` given the
     result is added into it in place, else a new tensor, in the activations' layout, is returned.
@@ -187,7 +187,7 @@ def gated_product_forward(rel, act, pre, scale, shift, e, out=None, act_is_relu=
         out = empty((batch, maps, channels, height, width), rel.dtype, rel.device, channels_last)
     scale, shift, has_fold = _fold(scale, shift, act)
     block_c, block_p, warps = tile(channels, hw, channels_last, rel.dtype, act.dtype)
-    _gated_product_fwd_kernel[grid(channels, hw, batch, block_c, block_p)](
+    wrap_triton(_gated_product_fwd_kernel)[grid(channels, hw, batch, block_c, block_p)](
         rel, act, pre, scale, shift, out, scalars([e], rel), maps, channels, hw,
         *spatial_strides(rel, 3), *spatial_strides(act, 2), *spatial_strides(pre, 2), *spatial_strides(out, 3),
         HAS_FOLD=has_fold, ACCUMULATE=accumulate, ACT_IS_RELU=bool(act_is_relu), IS_FP64=rel.dtype == torch.float64,
@@ -196,7 +196,7 @@ def gated_product_forward(rel, act, pre, scale, shift, e, out=None, act_is_relu=
     return out
 
 
-def gated_product_backward(grad_out, rel, act, pre, scale, shift, e):
+def gated_product_backward(grad_out, rel, act, pre, scale, shift, e, wrap_triton=unwrapped):
     """Gradients with respect to rel, act, pre, and (when folded) scale and shift; in the
     activations' layout."""
     batch, maps, channels, height, width = rel.shape
@@ -210,7 +210,7 @@ def gated_product_backward(grad_out, rel, act, pre, scale, shift, e):
     scale, shift, has_fold = _fold(scale, shift, act)
     partial_scale = torch.empty((batch * launch[0], channels), dtype=compute_dtype(rel.dtype), device=rel.device)
     partial_shift = torch.empty_like(partial_scale)
-    _gated_product_bwd_kernel[launch](
+    wrap_triton(_gated_product_bwd_kernel)[launch](
         grad_out, rel, act, pre, scale, shift, grad_rel, grad_act, grad_pre, partial_scale, partial_shift,
         scalars([e], rel), maps, channels, hw,
         *spatial_strides(grad_out, 3), *spatial_strides(rel, 3), *spatial_strides(act, 2), *spatial_strides(pre, 2),

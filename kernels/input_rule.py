@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from ._common import (MAX_REGISTERS, channels_innermost, empty, grid, scalars, spatial_strides, tile, tile_indices,
-                      to_compute, wide)
+                      to_compute, unwrapped, wide)
 
 
 @triton.jit(do_not_specialize=["MAPS"])
@@ -103,7 +103,7 @@ def _layout(back, x):
     return channels_innermost(back, 2)
 
 
-def input_rule_forward(back, x, coefficients=()):
+def input_rule_forward(back, x, coefficients=(), wrap_triton=unwrapped):
     """``back``: B x M x (PARTS*CIN) x H x W; ``x``: B x CIN x H x W; ``coefficients``: what
     each extra part is subtracted with (the z^B rule's nonzero bounds)."""
     parts, (k1, k2) = _parts(back, x, coefficients)
@@ -113,7 +113,7 @@ def input_rule_forward(back, x, coefficients=()):
     channels_last = _layout(back, x)
     out = empty((batch, maps, cin, height, width), back.dtype, back.device, channels_last)
     block_c, block_p, warps = tile(cin, hw, channels_last, back.dtype, x.dtype)
-    _input_rule_fwd_kernel[grid(cin, hw, batch, block_c, block_p)](
+    wrap_triton(_input_rule_fwd_kernel)[grid(cin, hw, batch, block_c, block_p)](
         back, x, out, scalars([k1, k2], back), maps, cin, hw,
         *spatial_strides(back, 3), *spatial_strides(x, 2), *spatial_strides(out, 3),
         PARTS=parts, IS_FP64=back.dtype == torch.float64, CHANNELS_LAST=channels_last,
@@ -122,7 +122,7 @@ def input_rule_forward(back, x, coefficients=()):
     return out
 
 
-def input_rule_backward(grad_out, back, x, coefficients=()):
+def input_rule_backward(grad_out, back, x, coefficients=(), wrap_triton=unwrapped):
     parts, (k1, k2) = _parts(back, x, coefficients)
     batch, maps = back.shape[:2]
     cin, height, width = x.shape[1:]
@@ -131,7 +131,7 @@ def input_rule_backward(grad_out, back, x, coefficients=()):
     grad_back = empty(tuple(back.shape), back.dtype, back.device, channels_last)
     grad_x = empty(tuple(x.shape), x.dtype, x.device, channels_last)
     block_c, block_p, warps = tile(cin, hw, channels_last, back.dtype, x.dtype)
-    _input_rule_bwd_kernel[grid(cin, hw, batch, block_c, block_p)](
+    wrap_triton(_input_rule_bwd_kernel)[grid(cin, hw, batch, block_c, block_p)](
         grad_out, back, x, grad_back, grad_x, scalars([k1, k2], back), maps, cin, hw,
         *spatial_strides(grad_out, 3), *spatial_strides(back, 3), *spatial_strides(x, 2),
         *spatial_strides(grad_back, 3), *spatial_strides(grad_x, 2),

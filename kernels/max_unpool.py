@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ._common import (MAX_REGISTERS, channels_innermost, check_plane, empty, grid, scalars, spatial_strides, stabilize,
-                      tile, tile_indices, to_compute)
+                      tile, tile_indices, to_compute, unwrapped)
 
 
 @triton.jit
@@ -172,7 +172,7 @@ def _layout(rel, act):
     return channels_innermost(rel, 2)
 
 
-def max_unpool_forward(rel, indices, act, z, e, kernel_size, stride, padding):
+def max_unpool_forward(rel, indices, act, z, e, kernel_size, stride, padding, wrap_triton=unwrapped):
     """``rel``: B x M x CH x h x w; ``indices``: B x CH x h x w (max_pool2d's); ``act``, ``z``:
     B x CH x H x W (flattenable H, W). Any strides."""
     batch, maps, channels, pooled_h, pooled_w = rel.shape
@@ -181,7 +181,7 @@ def max_unpool_forward(rel, indices, act, z, e, kernel_size, stride, padding):
     channels_last = _layout(rel, act)
     out = empty((batch, maps, channels, height, width), rel.dtype, rel.device, channels_last)
     block_c, block_p, warps = tile(channels, height * width, channels_last, rel.dtype, act.dtype)
-    _max_unpool_fwd_kernel[grid(channels, height * width, batch, block_c, block_p)](
+    wrap_triton(_max_unpool_fwd_kernel)[grid(channels, height * width, batch, block_c, block_p)](
         rel, indices, act, z, out, scalars([e], rel), maps, channels, height * width, width, pooled_h, pooled_w,
         *_strides(rel), *_strides(indices), *spatial_strides(act, 2), *spatial_strides(z, 2),
         *spatial_strides(out, 3), **_geometry(kernel_size, stride, padding),
@@ -191,7 +191,7 @@ def max_unpool_forward(rel, indices, act, z, e, kernel_size, stride, padding):
     return out
 
 
-def max_unpool_backward(grad_out, rel, indices, act, z, e, kernel_size, stride, padding):
+def max_unpool_backward(grad_out, rel, indices, act, z, e, kernel_size, stride, padding, wrap_triton=unwrapped):
     batch, maps, channels, pooled_h, pooled_w = rel.shape
     height, width = act.shape[-2:]
     check_plane(height, width)
@@ -200,7 +200,7 @@ def max_unpool_backward(grad_out, rel, indices, act, z, e, kernel_size, stride, 
     grad_act = empty((batch, channels, height, width), act.dtype, act.device, channels_last)
     grad_z = empty((batch, channels, height, width), z.dtype, z.device, channels_last)
     block_c, block_p, warps = tile(channels, height * width, channels_last, rel.dtype, act.dtype)
-    _max_unpool_bwd_kernel[grid(channels, height * width, batch, block_c, block_p)](
+    wrap_triton(_max_unpool_bwd_kernel)[grid(channels, height * width, batch, block_c, block_p)](
         grad_out, rel, indices, act, z, grad_rel, grad_act, grad_z, scalars([e], rel),
         maps, channels, height * width, width, pooled_h, pooled_w,
         *spatial_strides(grad_out, 3), *_strides(rel), *_strides(indices), *spatial_strides(act, 2),

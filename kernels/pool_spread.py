@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from ._common import (MAX_REGISTERS, channels_innermost, check_plane, empty, grid, scalars, spatial_strides, stabilize,
-                      tile, tile_indices, to_compute)
+                      tile, tile_indices, to_compute, unwrapped)
 
 
 @triton.jit(do_not_specialize=["MAPS"])
@@ -147,7 +147,7 @@ def _layout(rel, act):
     return channels_innermost(rel, 2)
 
 
-def pool_spread_forward(rel, act, pre, e, act_is_relu=False):
+def pool_spread_forward(rel, act, pre, e, act_is_relu=False, wrap_triton=unwrapped):
     """``rel``: B x M x CH x h x w; ``act``, ``pre``: B x CH x H x W with H >= 2h, W >= 2w
     (flattenable H, W). ``act_is_relu``: act is relu(pre), which is then not read (not for
     autograd)."""
@@ -157,7 +157,7 @@ def pool_spread_forward(rel, act, pre, e, act_is_relu=False):
     channels_last = _layout(rel, act)
     out = empty((batch, maps, channels, height, width), rel.dtype, rel.device, channels_last)
     block_c, block_p, warps = tile(channels, height * width, channels_last, rel.dtype, act.dtype)
-    _pool_spread_fwd_kernel[grid(channels, height * width, batch, block_c, block_p)](
+    wrap_triton(_pool_spread_fwd_kernel)[grid(channels, height * width, batch, block_c, block_p)](
         rel, act, pre, out, scalars([e], rel), maps, channels, height * width, width, pooled_h, pooled_w,
         *_strides(rel), *spatial_strides(act, 2), *spatial_strides(pre, 2), *spatial_strides(out, 3),
         ACT_IS_RELU=bool(act_is_relu), IS_FP64=rel.dtype == torch.float64, CHANNELS_LAST=channels_last,
@@ -166,7 +166,7 @@ def pool_spread_forward(rel, act, pre, e, act_is_relu=False):
     return out
 
 
-def pool_spread_backward(grad_out, rel, act, pre, e):
+def pool_spread_backward(grad_out, rel, act, pre, e, wrap_triton=unwrapped):
     batch, maps, channels, pooled_h, pooled_w = rel.shape
     height, width = act.shape[-2:]
     check_plane(height, width)
@@ -177,7 +177,7 @@ def pool_spread_backward(grad_out, rel, act, pre, e):
     windows_h, windows_w = triton.cdiv(height, 2), triton.cdiv(width, 2)
     # twelve values live per window (four gates, denominators and sums): half the windows per lane
     block_c, block_p, warps = tile(channels, windows_h * windows_w, channels_last, rel.dtype, act.dtype, live=2)
-    _pool_spread_bwd_kernel[grid(channels, windows_h * windows_w, batch, block_c, block_p)](
+    wrap_triton(_pool_spread_bwd_kernel)[grid(channels, windows_h * windows_w, batch, block_c, block_p)](
         grad_out, rel, act, pre, grad_rel, grad_act, grad_pre, scalars([e], rel),
         maps, channels, height, width, pooled_h, pooled_w, windows_w, windows_h * windows_w,
         *_strides(grad_out), *_strides(rel), *_strides(act), *_strides(pre), *_strides(grad_rel), *_strides(grad_act),

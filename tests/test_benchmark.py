@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from isnet_fast import benchmark as bm
+from isnet_fast.resnet import ResNet
+from isnet_fast.resnet_model import IsResNetFast
 
 # The original calls the deprecated torch.cuda.amp.autocast.
 pytestmark = pytest.mark.filterwarnings(r"ignore:.*torch\.cuda\.amp\.autocast:FutureWarning")
@@ -79,7 +81,7 @@ def test_case_specs_with_the_standard_variants():
     (dict(case="explain-floor", implementation="isnet_fast"), "runs for"),
     (dict(case="explain", implementation="original"), "ISNET_REFERENCE"),
     (dict(case="infer", implementation="isnet_fast"), "case must be one of"),
-    (dict(case="explain", implementation="isnet_fast", arch="resnet50"), "arch"),
+    (dict(case="explain", implementation="isnet_fast", arch="vgg16"), "arch"),
     (dict(case="explain", implementation="isnet_fast", batch=0), "batch"),
     (dict(case="explain", implementation="isnet_fast", warmup=-1), "warmup"),
     (dict(case="explain", implementation="isnet_fast", explain="best"), "explain must be one of"),
@@ -150,11 +152,15 @@ def test_every_case_runs_and_trains_what_it_should(case, implementation, explain
     torch.set_num_threads(1)
     prepared = bm.prepare_case(bm.CaseSpec(case, implementation, classes=3, explain=explain, selective=selective,
                                            **TINY))
-    before = [p.detach().clone() for p in prepared.model.parameters()]
     prepared.step()
-    changed = any(not torch.equal(a, p) for a, p in zip(before, prepared.model.parameters()))
-    assert changed == case.startswith("train")  # the SGD step, and only in the train cases
+    assert _took_a_gradient_step(prepared.model) == case.startswith("train")  # and only the train cases
     assert prepared.model.training == case.startswith("train")
+
+
+def _took_a_gradient_step(model) -> bool:
+    """Whether the step left gradients on the parameters (the SGD update itself runs with a zero
+    learning rate, see bm.LEARNING_RATE, so the weights stay put)."""
+    return any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in model.parameters())
 
 
 def test_ours_is_built_with_the_cases_variant():
@@ -181,7 +187,7 @@ def test_plain_cases_read_channels_last_images_on_the_cpu():
 
 def test_floor_heatmaps_are_per_class_input_gradients():
     torch.manual_seed(0)
-    net = bm._build_our_densenet("tiny", classes=3).eval()
+    net = bm._build_our_net("tiny", classes=3).eval()
     images = torch.rand(2, 3, 32, 32)
     logits, heatmaps = bm._input_gradients(net, images, 3, create_graph=False)
     assert heatmaps.shape == (2, 3, 3, 32, 32)
@@ -192,7 +198,7 @@ def test_floor_heatmaps_are_per_class_input_gradients():
 
 def test_one_map_floor_is_the_top_logits_input_gradient():
     torch.manual_seed(0)
-    net = bm._build_our_densenet("tiny", classes=3).eval()
+    net = bm._build_our_net("tiny", classes=3).eval()
     images = torch.rand(2, 3, 32, 32)
     logits, heatmaps = bm._input_gradients(net, images, 3, create_graph=False, explain="top")
     assert heatmaps.shape == (2, 1, 3, 32, 32)
@@ -201,6 +207,16 @@ def test_one_map_floor_is_the_top_logits_input_gradient():
         y = net(x)[0]
         expected = torch.autograd.grad(y[y.argmax()], x)[0]
         torch.testing.assert_close(heatmaps[i, 0], expected[0])
+
+
+def test_timed_steps_repeat_the_same_numbers():
+    # A zero learning rate: every timed step computes what the first did (no divergence).
+    prepared = bm.prepare_case(bm.CaseSpec("train", "isnet_fast", classes=3, **TINY))
+    grads = []
+    for _ in range(2):
+        prepared.step()
+        grads.append([p.grad.clone() for p in prepared.model.parameters() if p.grad is not None])
+    assert grads[0] and all(torch.equal(a, b) for a, b in zip(*grads))
 
 
 def test_same_seed_same_weights_and_batch():
@@ -291,10 +307,11 @@ def test_compare_pairs_each_case_with_the_floor_of_its_number_of_maps():
     assert (theirs.floor_ratio, theirs.floor_label) == (2.5, "train-floor, 1 map")
     assert (top.floor_ratio, top.floor_label) == (0.625, "train-floor, 1 map")
     assert floor_k.floor_ratio == floor_1.floor_ratio == 1.0
-    # The authors' implementation of the same variant only.
+    # Every variant of ours against the original (K maps); the authors' Selective only for ours Selective.
     assert ours.speedup_vs_original == 4.0 and ours.speedup_vs_selective_reference is None
-    assert selective.speedup_vs_selective_reference == 5.0 and selective.speedup_vs_original is None
-    assert top.speedup_vs_original is None and top.speedup_vs_selective_reference is None
+    assert selective.speedup_vs_selective_reference == 5.0 and selective.speedup_vs_original == 12.0
+    assert top.speedup_vs_original == 24.0 / 2.5 and top.speedup_vs_selective_reference is None
+    assert other_batch.speedup_vs_original is None  # no original at batch 4
     assert original.speedup_vs_original is None and original.speedup_vs_selective_reference is None
     assert theirs.speedup_vs_original is None and theirs.speedup_vs_selective_reference is None
     # Every train case against the plain step.
@@ -339,6 +356,42 @@ def test_failed_results_get_no_ratios():
 def test_minimum_image_size():
     assert bm.minimum_image_size("tiny") == 29
     assert bm.minimum_image_size("densenet121") == 29
+    assert bm.minimum_image_size("resnet50") == 1
+
+
+TINY_RESNET = dict(TINY, arch="tiny-resnet")
+
+
+@pytest.mark.parametrize("case, implementation, explain, selective", [
+    ("explain", "isnet_fast", "all", False), ("train", "isnet_fast", "all", False),
+    ("train", "isnet_fast", "lowest", True), ("explain-floor", "autograd", "all", False),
+    ("train-plain", "autograd", "all", False)])
+def test_resnet_cases_run_ours_and_the_floors(case, implementation, explain, selective):
+    torch.set_num_threads(1)
+    prepared = bm.prepare_case(bm.CaseSpec(case, implementation, classes=3, explain=explain, selective=selective,
+                                           **TINY_RESNET))
+    expected = IsResNetFast if implementation == "isnet_fast" else ResNet
+    assert isinstance(prepared.model, expected)
+    prepared.step()
+    assert _took_a_gradient_step(prepared.model) == case.startswith("train")
+
+
+@pytest.mark.parametrize("implementation, explain, selective, maps", [
+    ("original", "all", False, 3), ("selective_reference", "lowest", True, 1)], ids=["original", "selective"])
+def test_the_authors_resnet_isnet_matches_ours(implementation, explain, selective, maps):
+    folder = _selective_reference_folder()  # their LRPResNet is in code/
+    spec = bm.CaseSpec("explain", implementation, reference=folder, classes=3, explain=explain, selective=selective,
+                       **TINY_RESNET)
+    theirs = bm.prepare_case(spec)
+    ours = bm.prepare_case(dataclasses.replace(spec, implementation="isnet_fast", reference=None))
+    images = bm.synthetic_batch(spec, torch.device("cpu")).images
+    with torch.no_grad():
+        y_theirs, heatmaps_theirs = theirs.model(images)
+        y_ours, heatmaps_ours = ours.model(images)
+    torch.testing.assert_close(y_ours, y_theirs)
+    assert heatmaps_ours.shape == heatmaps_theirs.shape == (2, maps, 3, 32, 32)
+    scale = heatmaps_theirs.abs().max()
+    assert scale > 0 and (heatmaps_ours - heatmaps_theirs).abs().max() <= 1e-3 * scale
 
 
 def test_default_settings_fit_a_small_cpu():

@@ -1,4 +1,4 @@
-"""Every Triton launch of a DenseNet-121 relevance pass, compiled for a GPU without one.
+"""Every Triton launch of a DenseNet-121 relevance pass (and of a tiny ResNet's), compiled for a GPU without one.
 
 ``bench/compile_table.py`` runs the pass on the ``meta`` device with every ``kernel[grid](...)``
 recorded instead of run (train and no-grad, float32 / float16 / bfloat16 (autocast) / float64,
@@ -33,7 +33,9 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "bench" / "compile_table.py"
 KERNELS = {"_gated_product_fwd_kernel", "_gated_product_bwd_kernel", "_pool_spread_fwd_kernel",
            "_pool_spread_bwd_kernel", "_max_unpool_fwd_kernel", "_max_unpool_bwd_kernel",
-           "_input_rule_fwd_kernel", "_input_rule_bwd_kernel"}
+           "_input_rule_fwd_kernel", "_input_rule_bwd_kernel", "_max_unpool_sum_fwd_kernel",
+           "_max_unpool_sum_bwd_kernel", "_residual_split_fwd_kernel", "_residual_split_bwd_kernel",
+           "_residual_shortcut_add_fwd_kernel", "_residual_shortcut_add_bwd_kernel"}
 MAX_REGISTERS = 128
 ARCH = "sm_90"
 
@@ -43,23 +45,37 @@ def compile_table(tmp_path: Path, name: str, *args: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")  # a cold cache: every kernel is compiled here
     result = subprocess.run([sys.executable, str(SCRIPT), "--arch", "90", "--jobs", "2", "--quiet",
-                             "--json", str(out), *args], env=env, capture_output=True, text=True, timeout=600)
+                             "--json", str(out), *args], env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-8000:]
     return json.loads(out.read_text())
 
 
+def merged(*tables) -> dict:
+    """One table from several runs of the script (each in its own subprocess and time limit)."""
+    result = dict(tables[0], launches=sum(t["launches"] for t in tables))
+    for key in ("kernels", "recorded"):
+        result[key] = sorted(set().union(*(t[key] for t in tables)))
+    for key in ("tiles", "specializations"):
+        result[key] = [row for t in tables for row in t[key]]
+    return result
+
+
 @pytest.fixture(scope="module")
 def table(tmp_path_factory):
-    """Every precision, layout, mode and size; one map per class ("all") and one per image ("top")."""
-    return compile_table(tmp_path_factory.mktemp("compile"), "table", "--variants", "all", "top")
+    """Every precision, layout, mode and size; one map per class ("all") and one per image ("top"),
+    and the rules as written ("all-lrp", ``reference_quirks=False``: the summing un-pool); and a
+    tiny ResNet's passes (``compile_table.record_resnet_launches``)."""
+    folder = tmp_path_factory.mktemp("compile")
+    return merged(compile_table(folder, "table", "--models", "densenet121", "--variants", "all", "top", "all-lrp"),
+                  compile_table(folder, "resnet", "--models", "resnet"))
 
 
 @pytest.fixture(scope="module")
 def variants_table(tmp_path_factory):
-    """The other variants of the model, in float32 at 224x224 NCHW."""
+    """The other variants of the DenseNet, in float32 at 224x224 NCHW (no ResNet)."""
     return compile_table(tmp_path_factory.mktemp("compile-variants"), "variants", "--precisions", "float32",
                          "--sizes", "224", "--layouts", "nchw", "--variants", "all-selective", "top-selective",
-                         "classes")
+                         "classes", "--models", "densenet121")
 
 
 def offenders(table, condition):
@@ -71,7 +87,8 @@ def test_every_kernel_and_configuration_is_recorded(table):
     assert set(table["kernels"]) == KERNELS
     recorded = " | ".join(table["recorded"])
     for what in ("float32 ", "float16-autocast", "bfloat16-autocast", "float64", "224x224", "225x225", " nchw ",
-                 " channels_last ", " train ", " no_grad ", "explain=all", "explain=top"):
+                 " channels_last ", " train ", " no_grad ", "explain=all", "explain=top", "reference_quirks=False",
+                 "train resnet", "no_grad resnet", "resnet bn=train"):
         assert what in recorded, what
     dtypes = {row["dtypes"] for row in table["specializations"]}
     for dtype in ("fp32", "fp64", "bf16", "fp16"):

@@ -1,5 +1,6 @@
 """The fused pass against the slow per-consumer one, where the original cannot go: any input
-size, odd channel counts, deep blocks, both pairings, train and eval mode."""
+size, odd channel counts, deep blocks, both pairings and both un-poolings (the original's
+quirks, and the rules as written), train and eval mode."""
 
 import pytest
 import torch
@@ -36,11 +37,11 @@ def _randomize_batchnorms(net, generator):
             module.running_var.data = torch.rand(n, generator=generator, dtype=torch.float64) + 0.5
 
 
-def _heatmaps_and_grads(net, x, pairing, zb, fn):
+def _heatmaps_and_grads(net, x, pairing, zb, fn, overwrite_unpool=True):
     plan = build_plan(net, reference_pairing=pairing)
     x = x.clone().requires_grad_()
     acts = run_forward(plan, x)
-    R = fn(plan, acts, 0.01, zb)
+    R = fn(plan, acts, 0.01, zb, overwrite_unpool=overwrite_unpool)
     cotangent = torch.linspace(-1, 1, R.numel(), dtype=R.dtype).view_as(R)
     grads = torch.autograd.grad((R * cotangent).sum() + acts.y.sum(), [x, *net.parameters()])
     return R, grads
@@ -48,12 +49,17 @@ def _heatmaps_and_grads(net, x, pairing, zb, fn):
 
 LAYOUTS = {"nchw": torch.contiguous_format, "channels-last": torch.channels_last}
 
+# (reference_pairing, overwriting un-pool): the original's quirks, the pairing fixed alone, neither
+# (IsDenseFast(reference_quirks=False))
+QUIRKS = {"reference-pairing": (True, True), "lrp-pairing": (False, True), "no-quirks": (False, False)}
+
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("zb", [True, False], ids=["zb", "epsilon"])
-@pytest.mark.parametrize("pairing", [True, False], ids=["reference-pairing", "lrp-pairing"])
+@pytest.mark.parametrize("quirks", list(QUIRKS))
 @pytest.mark.parametrize("case", list(CASES))
-def test_fused_matches_per_consumer(case, pairing, zb, layout):
+def test_fused_matches_per_consumer(case, quirks, zb, layout):
+    pairing, overwrite_unpool = QUIRKS[quirks]
     kwargs, (height, width), batch, mode = CASES[case]
     generator = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
@@ -63,9 +69,9 @@ def test_fused_matches_per_consumer(case, pairing, zb, layout):
     x = torch.rand(batch, 3, height, width, generator=generator, dtype=torch.float64)
     x = x.contiguous(memory_format=LAYOUTS[layout])  # the fused pass on the CPU runs channels_last
     state = {k: v.clone() for k, v in net.state_dict().items()}
-    fused, fused_grads = _heatmaps_and_grads(net, x, pairing, zb, relevance)
+    fused, fused_grads = _heatmaps_and_grads(net, x, pairing, zb, relevance, overwrite_unpool)
     net.load_state_dict(state)  # same BatchNorm statistics for the second run
-    slow, slow_grads = _heatmaps_and_grads(net, x, pairing, zb, reference_relevance)
+    slow, slow_grads = _heatmaps_and_grads(net, x, pairing, zb, reference_relevance, overwrite_unpool)
     assert fused.shape == (batch, kwargs["num_classes"], 3, height, width)
     assert torch.isfinite(fused).all()
     assert rel_err(fused, slow) <= 1e-10

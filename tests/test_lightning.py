@@ -184,7 +184,7 @@ def test_densenet_instance_as_architecture():
     with pytest.raises(ValueError, match="classes"):
         IsDenseFastLightning(False, False, 5, architecture=DenseNet(num_classes=CLASSES, **TINY))
     with pytest.raises(ValueError, match="architecture"):
-        IsDenseFastLightning(False, False, CLASSES, architecture="resnet50")
+        IsDenseFastLightning(False, False, CLASSES, architecture="vgg16")  # resnet50 is a ResNet now
 
 
 def test_optimizers():

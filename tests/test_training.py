@@ -327,8 +327,8 @@ def test_checkpoints_record_the_variant_and_load_model_rebuilds_it(tmp_path):
     model = IsDenseFast(DenseNet(**TINY), e=0.05, Zb=False, explain="lowest", selective=True)
     train(model, images, labels, masks, quiet(), checkpoint_path=path)
     checkpoint = load_checkpoint(path)
-    assert checkpoint["isdensefast"] == {"e": 0.05, "Zb": False, "reference_pairing": True, "explain": "lowest",
-                                         "selective": True}
+    assert checkpoint["isdensefast"] == {"e": 0.05, "Zb": False, "reference_pairing": True, "reference_quirks": True,
+                                         "explain": "lowest", "selective": True}
     assert checkpoint["train_config"]["explain_labels"] is False
     assert isdensefast_settings(checkpoint) == checkpoint["isdensefast"]
 
