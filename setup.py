@@ -18,11 +18,12 @@ setup(
     description="Fused Triton kernels for ISNet's LRP block and a drop-in IsDenseFast.",
     long_description=(HERE / "README.md").read_text(encoding="utf-8") if (HERE / "README.md").exists() else "",
     long_description_content_type="text/markdown",
-    packages=["isnet_fast", "isnet_fast.kernels"],
+    packages=["isnet_fast", "isnet_fast.engine", "isnet_fast.engine.densenet", "isnet_fast.engine.resnet",
+              "isnet_fast.models", "isnet_fast.kernels"],
     package_dir={"isnet_fast": "isnet_fast", "isnet_fast.kernels": "kernels"},
     python_requires=">=3.9",
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.6",  # torch.library.triton_op
         "triton>=3.2; platform_system=='Linux'",
         "numpy",  # the CLI's data and explain modules; no upper bound (the kernels need none)
     ],

@@ -13,12 +13,12 @@ from typing import Any, Dict, Mapping, Optional, Union
 
 import torch.nn as nn
 
-from .densenet import DenseNet, densenet121, densenet161, densenet169, densenet201
+from .models.densenet import DenseNet, densenet121, densenet161, densenet169, densenet201
 from .model import IsDenseFast
-from .resnet import BLOCKS, Bottleneck, ResNet, resnet18, resnet34, resnet50, resnet101, resnet152
+from .models.resnet import BLOCKS, Bottleneck, ResNet, resnet18, resnet34, resnet50, resnet101, resnet152
 from .resnet_model import IsResNetFast
-from .resnet_plan import build_resnet_plan
-from .structure import build_plan
+from .engine.resnet.plan import build_resnet_plan
+from .engine.densenet.plan import build_plan
 
 __all__ = [
     "DENSENET_ARCHITECTURES",

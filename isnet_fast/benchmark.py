@@ -68,15 +68,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .densenet import DenseNet, densenet121, densenet161, densenet169, densenet201
+from .models.densenet import DenseNet, densenet121, densenet161, densenet169, densenet201
 from .devices import resolve_device
-from .forward import minimum_input_size
+from .engine.densenet.forward import minimum_input_size
 from .loss import heatmap_loss
 from .model import BACKENDS, IsDenseFast
-from .resnet import ResNet, resnet18, resnet34, resnet50, resnet101, resnet152
+from .models.resnet import ResNet, resnet18, resnet34, resnet50, resnet101, resnet152
 from .resnet_model import IsResNetFast
-from .output import EXPLAIN_MODES, check_variant
-from .structure import build_plan
+from .engine.output import EXPLAIN_MODES, check_variant
+from .engine.densenet.plan import build_plan
 
 __all__ = [
     "ARCHS",

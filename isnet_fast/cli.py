@@ -67,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
 BENCH_DESCRIPTION = """\
 Times IsDenseFast on synthetic images with random weights, next to the floors (plain autograd
 gradients w.r.t. the input, one per map), a plain DenseNet training step and, given the authors'
-code (--reference), the original IsDense and the authors' Selective ISNet. Cases: explain
+code (--reference), the original IsDense and the authors' Selective ISNet (for a ResNet, --arch
+resnet50 etc.: IsResNetFast next to the authors' LRPResNet of code/, with one map per class as the
+original and as their Selective ISNet). Cases: explain
 (forward + heatmaps, no grad, eval mode), train (forward, heatmaps, 0.3 * cross-entropy + 0.7 *
 heatmap loss, backward, SGD step, train mode), their floors, and train-plain (forward,
 cross-entropy, backward, SGD: no heatmaps). Without options it runs a default sized for the

@@ -26,11 +26,11 @@ from .architectures import (DENSENET_ARCHITECTURES, RESNET_ARCHITECTURES, build_
                             infer_resnet_config, is_resnet, known_resnet_name, wrap_network)
 from .argtypes import positive_int
 from .devices import resolve_device
-from .densenet import convert_torchvision_state_dict
-from .forward import minimum_input_size
+from .models.densenet import convert_torchvision_state_dict
+from .engine.densenet.forward import minimum_input_size
 from .model import IsDenseFast, load_checkpoint_file
 from .resnet_model import IsResNetFast
-from .structure import build_plan
+from .engine.densenet.plan import build_plan
 from .training import build_densenet
 
 __all__ = [

@@ -66,9 +66,9 @@ except ImportError as error:  # the optional extra is not installed
 
 from .architectures import DENSENET_ARCHITECTURES, NAMED_ARCHITECTURES, RESNET_ARCHITECTURES, is_resnet, \
     wrap_network
-from .densenet import DenseNet, convert_torchvision_state_dict
+from .models.densenet import DenseNet, convert_torchvision_state_dict
 from .loss import heatmap_loss
-from .resnet import ResNet
+from .models.resnet import ResNet
 
 __all__ = ["IsDenseFastLightning", "IsDense121Lightning", "ARCHITECTURES", "resolve_variant"]
 

@@ -15,85 +15,63 @@ from typing import Any, List, Mapping, Optional, Union
 import torch
 import torch.nn as nn
 
-from . import torch_ops
-from .forward import check_input, run_forward
-from .output import check_classes, check_variant, classifier_input_relevance, explained_classes
-from .relevance import relevance
-from .structure import build_plan
+from .engine import torch_ops
+from .engine.densenet.forward import check_input, run_forward
+from .engine.output import check_classes, check_variant, classifier_input_relevance, explained_classes
+from .engine.densenet.relevance import relevance
+from .engine.densenet.plan import build_plan
 
 BACKENDS = ("auto", "torch", "triton")
 
 
-class IsDenseFast(nn.Module):
-    """Drop-in for the original ``IsDense(DenseNet, e, heat, Zb)``, and the Faster ISNet variants.
-
-    ``forward(x, classes=None)`` returns ``(y, R)``: logits ``B x K`` and heatmaps
-    ``B x M x 3 x H x W``, by LRP with the epsilon rule (``e``) and, when ``Zb``, the z^B rule at
-    the input; or only ``y`` when ``heat`` is false.
-
-    Which quantity each map explains (``isnet_fast.output``):
-
-    * ``explain="all"`` (default): one map per class (M = K), the original ISNet.
-    * ``"top"`` / ``"lowest"``: one map (M = 1), the logit of argmax(y) / argmin(y).
-    * ``"random"``: the Stochastic ISNet's draw, from ``generator`` (torch's default generator
-      when None, so ``torch.manual_seed`` reproduces it).
-    * ``"sum"``: one map, all logits together.
-    * ``classes`` (a LongTensor, one index per image): one map per image for that class,
-      whatever ``explain`` says (explaining labels, or replaying a draw).
-    * ``selective=True``: the class-selective quantity instead of the logit (the Selective
-      ISNet is ``selective=True, explain="lowest"``, as the authors' code runs it), with
-      ``top``, ``lowest``, ``random``, ``all`` or ``classes``.
-
-    The one-map variants start from the logits with the classifier's bias detached, as the
-    authors' newer code does. ``e``, ``heat``, ``Zb``, ``explain``, ``selective``,
-    ``check_finite`` and ``generator`` can be changed on the instance; ``e`` must be a finite
-    number > 0 and the flags True or False, checked at construction and on every change (a
-    refused change keeps the old value).
-
-    ``check_finite`` (default True) makes ``forward`` reject a batch holding NaN or Inf pixels
-    with a ValueError naming the first bad image, whether ``heat`` is on or not: in training one
-    such image turns the whole batch's outputs and the BatchNorms' running statistics into NaN.
-    The check costs one device sync per call; set it to False in loops where that matters.
-
-    ``reference_quirks`` (default True) keeps the two places where the original's heatmaps
-    differ from LRP as written: the choice of consumers in dense blocks of ten or more layers
-    (see ``isnet_fast.structure.consumer_pairs``), and the max-pool un-pooling, where the pooled
-    positions that chose the same pixel overwrite each other (the last in raster order wins)
-    instead of adding up. ``reference_quirks=False`` gives the rules as written: every consumer
-    paired, the un-pooling summing (deterministic on both backends). Then, in eval mode with
-    ``Zb=False`` and ``e`` -> 0, the maps of ``explain="all"`` summed over the classes equal
-    gradient x input. ``reference_pairing`` names the first quirk alone (its older name):
-    None (default) follows ``reference_quirks``; ``reference_pairing=False`` fixes only the
-    pairing (the un-pooling still overwrites); ``reference_quirks=False`` with
-    ``reference_pairing=True`` is refused. Both can be changed on the instance; setting
-    ``reference_quirks`` sets the pairing with it. ``backend`` picks the kernels: "auto" (Triton
-    on CUDA tensors, torch ops on the CPU), "triton" or "torch".
-
-    With the torch ops on the CPU the network and the relevance pass run channels_last, where
-    oneDNN's convolutions are fastest; the heatmaps come back contiguous, and the numbers are
-    those of the usual layout up to float rounding in the convolutions' sums.
+class ISNetFast(nn.Module):
+    """What IsDenseFast and IsResNetFast share: the settings and their checks, the variants,
+    ``forward`` and checkpoint loading. A subclass says where its network sits
+    (``network_attribute``: the references' names, so their state dicts' keys match), reads it
+    into a plan (``_read_plan``) and supplies its architecture's steps: the input check, the
+    forward pass keeping the activations, the relevance pass below the classifier, and why a
+    state dict does not fit.
     """
 
-    def __init__(self, DenseNet: nn.Module, e: float = 1e-2, heat: bool = True, Zb: bool = True,
-                 explain: str = "all", selective: bool = False, reference_pairing: Optional[bool] = None,
-                 backend: str = "auto", generator: Optional[torch.Generator] = None, check_finite: bool = True,
-                 reference_quirks: bool = True):
-        super().__init__()
+    network_attribute: str  # set by each subclass
+    bias_detached_in_all = False  # explain="all" from the logits with the classifier's bias detached
+
+    def _configure(self, network: nn.Module, e: float, heat: bool, Zb: bool, explain: str, selective: bool,
+                   backend: str, generator: Optional[torch.Generator], check_finite: bool) -> None:
         self.e = e  # the properties below check these
         self.heat = heat
         self.Zb = Zb
         self.check_finite = check_finite
-        self._reference_quirks, self._reference_pairing = resolve_reference_quirks(reference_quirks,
-                                                                                   reference_pairing)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        plan = build_plan(DenseNet, self._reference_pairing)  # fail now, not at the first forward
+        plan = self._read_plan(network)  # fail now, not at the first forward
         check_variant(explain, selective, plan.classifier.out_features)
-        self.DenseNet = DenseNet
+        setattr(self, self.network_attribute, network)
         self._explain = explain
         self._selective = selective
         self.backend = backend
         self.generator = generator
+
+    @property
+    def network(self) -> nn.Module:
+        """The wrapped classifier (``DenseNet`` or ``resnet``, as the references name it)."""
+        return getattr(self, self.network_attribute)
+
+    # The architecture's steps
+    def _read_plan(self, network: nn.Module):
+        raise NotImplementedError
+
+    def _check_input(self, x: torch.Tensor, plan) -> None:
+        raise NotImplementedError
+
+    def _forward_pass(self, plan, x: torch.Tensor):
+        raise NotImplementedError
+
+    def _relevance(self, plan, acts, at_classifier_input: torch.Tensor, ops) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _state_dict_mismatch(self, state_dict: Mapping[str, Any], strict: bool) -> Optional[str]:
+        raise NotImplementedError
 
     @property
     def e(self) -> float:
@@ -136,25 +114,6 @@ class IsDenseFast(nn.Module):
         self._check_finite = value
 
     @property
-    def reference_quirks(self) -> bool:
-        """The original's max-pool un-pooling (overwriting), and its dense pairing unless
-        ``reference_pairing`` was set to False; False: the LRP rules as written."""
-        return self._reference_quirks
-
-    @reference_quirks.setter
-    def reference_quirks(self, value: bool) -> None:
-        self._reference_quirks, self._reference_pairing = resolve_reference_quirks(value, None)
-
-    @property
-    def reference_pairing(self) -> bool:
-        """The original's choice of consumers in dense blocks of ten or more layers."""
-        return self._reference_pairing
-
-    @reference_pairing.setter
-    def reference_pairing(self, value: bool) -> None:
-        self._reference_quirks, self._reference_pairing = resolve_reference_quirks(self._reference_quirks, value)
-
-    @property
     def explain(self) -> str:
         """Which logit or quantity the maps explain: "all", "top", "lowest", "random" or "sum"."""
         return self._explain
@@ -180,7 +139,7 @@ class IsDenseFast(nn.Module):
         return self._num_classes() if self._explain == "all" else 1
 
     def _num_classes(self) -> int:
-        return build_plan(self.DenseNet, self.reference_pairing).classifier.out_features
+        return self._read_plan(self.network).classifier.out_features
 
     def explained_classes(self, y: torch.Tensor, classes: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """The class each image's one map explains for logits ``y`` (drawing for "random"), or
@@ -188,33 +147,31 @@ class IsDenseFast(nn.Module):
         return explained_classes(y, self._explain, classes, self.generator)
 
     def forward(self, x: torch.Tensor, classes: Optional[torch.Tensor] = None):
-        plan = build_plan(self.DenseNet, self.reference_pairing)
-        check_input(x, plan, self._check_finite)
-        num_classes = plan.classifier.out_features
+        plan = self._read_plan(self.network)
+        self._check_input(x, plan)
         if classes is not None:
-            check_classes(classes, x.shape[0], num_classes)
+            check_classes(classes, x.shape[0], plan.classifier.out_features)
         if not self.heat:
-            return self.DenseNet(x)
+            return self.network(x)
         ops = ops_for(self.backend, x)
         channels_last = ops is torch_ops and x.device.type == "cpu"
         if channels_last:
             # oneDNN's convolutions (the bulk of the work) run fastest with the channels last;
             # the torch ops keep every relevance tensor in that layout.
             x = x.contiguous(memory_format=torch.channels_last)
-        acts = run_forward(plan, x)
-        e = self._e
+        acts = self._forward_pass(plan, x)
         explained = explained_classes(acts.y, self._explain, classes, self.generator)
-        at_classifier_input = classifier_input_relevance(plan.classifier, acts.classifier_input, acts.y, e,
-                                                         self._explain, self._selective, explained)
-        heatmaps = relevance(plan, acts, e, self._Zb, ops, at_classifier_input,
-                             overwrite_unpool=self._reference_quirks)
+        at_classifier_input = classifier_input_relevance(plan.classifier, acts.classifier_input, acts.y, self._e,
+                                                         self._explain, self._selective, explained,
+                                                         bias_detached_in_all=self.bias_detached_in_all)
+        heatmaps = self._relevance(plan, acts, at_classifier_input, ops)
         return acts.y, heatmaps.contiguous() if channels_last else heatmaps
 
     def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True, assign: bool = False):
-        """Loads our checkpoints, the original IsDense's and its Lightning module's.
+        """Loads our checkpoints, the references' (IsDense, LRPResNet) and their Lightning modules'.
 
-        Keys may carry a ``model.`` prefix (Lightning); the original's duplicate ``LRPBlock.*``
-        entries (aliases of the DenseNet's own parameters) and a Lightning module's ``Cweight``
+        Keys may carry a ``model.`` prefix (Lightning); the references' duplicate ``LRPBlock.*``
+        entries (aliases of the network's own parameters) and a Lightning module's ``Cweight``
         are ignored. A state dict that does not fit (another architecture, another number of
         classes) raises :class:`StateDictMismatchError` (a RuntimeError, as torch's, and a
         ValueError) in a few lines: both architectures, and the first keys that differ.
@@ -224,12 +181,121 @@ class IsDenseFast(nn.Module):
             if key.startswith("model."):
                 key = key[len("model."):]
             if key.startswith("LRPBlock.") or ".LRPBlock." in key or key == "Cweight":
-                continue  # aliases of the DenseNet's weights; the Lightning module's class weights
+                continue  # aliases of the network's weights; the Lightning module's class weights
             cleaned[key] = value
-        problem = state_dict_mismatch(self, cleaned, strict)
+        problem = self._state_dict_mismatch(cleaned, strict)
         if problem:
             raise StateDictMismatchError(problem)
         return super().load_state_dict(cleaned, strict=strict, assign=assign)
+
+
+    @classmethod
+    def _from_checkpoint(cls, path: Union[str, os.PathLike], network: nn.Module, map_location, kwargs):
+        checkpoint = load_checkpoint_file(path, map_location=map_location)
+        state_dict = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, Mapping) else None
+        if not isinstance(state_dict, Mapping):
+            raise ValueError(f"{path} holds no state dict; expected a dict of tensors or {{'state_dict': ...}}")
+        model = cls(network, **kwargs)
+        model.load_state_dict(state_dict)
+        return model
+
+
+class IsDenseFast(ISNetFast):
+    """Drop-in for the original ``IsDense(DenseNet, e, heat, Zb)``, and the Faster ISNet variants.
+
+    ``forward(x, classes=None)`` returns ``(y, R)``: logits ``B x K`` and heatmaps
+    ``B x M x 3 x H x W``, by LRP with the epsilon rule (``e``) and, when ``Zb``, the z^B rule at
+    the input; or only ``y`` when ``heat`` is false.
+
+    Which quantity each map explains (``isnet_fast.engine.output``):
+
+    * ``explain="all"`` (default): one map per class (M = K), the original ISNet.
+    * ``"top"`` / ``"lowest"``: one map (M = 1), the logit of argmax(y) / argmin(y).
+    * ``"random"``: the Stochastic ISNet's draw, from ``generator`` (torch's default generator
+      when None, so ``torch.manual_seed`` reproduces it).
+    * ``"sum"``: one map, all logits together.
+    * ``classes`` (a LongTensor, one index per image): one map per image for that class,
+      whatever ``explain`` says (explaining labels, or replaying a draw).
+    * ``selective=True``: the class-selective quantity instead of the logit (the Selective
+      ISNet is ``selective=True, explain="lowest"``, as the authors' code runs it), with
+      ``top``, ``lowest``, ``random``, ``all`` or ``classes``.
+
+    The one-map variants start from the logits with the classifier's bias detached, as the
+    authors' newer code does. ``e``, ``heat``, ``Zb``, ``explain``, ``selective``,
+    ``check_finite`` and ``generator`` can be changed on the instance; ``e`` must be a finite
+    number > 0 and the flags True or False, checked at construction and on every change (a
+    refused change keeps the old value).
+
+    ``check_finite`` (default True) makes ``forward`` reject a batch holding NaN or Inf pixels
+    with a ValueError naming the first bad image, whether ``heat`` is on or not: in training one
+    such image turns the whole batch's outputs and the BatchNorms' running statistics into NaN.
+    The check costs one device sync per call; set it to False in loops where that matters.
+
+    ``reference_quirks`` (default True) keeps the two places where the original's heatmaps
+    differ from LRP as written: the choice of consumers in dense blocks of ten or more layers
+    (see ``isnet_fast.engine.densenet.plan.consumer_pairs``), and the max-pool un-pooling, where the pooled
+    positions that chose the same pixel overwrite each other (the last in raster order wins)
+    instead of adding up. ``reference_quirks=False`` gives the rules as written: every consumer
+    paired, the un-pooling summing (deterministic on both backends). Then, in eval mode with
+    ``Zb=False`` and ``e`` -> 0, the maps of ``explain="all"`` summed over the classes equal
+    gradient x input. ``reference_pairing`` names the first quirk alone (its older name):
+    None (default) follows ``reference_quirks``; ``reference_pairing=False`` fixes only the
+    pairing (the un-pooling still overwrites); ``reference_quirks=False`` with
+    ``reference_pairing=True`` is refused. Both can be changed on the instance; setting
+    ``reference_quirks`` sets the pairing with it. ``backend`` picks the kernels: "auto" (Triton
+    on CUDA tensors, torch ops on the CPU), "triton" or "torch".
+
+    With the torch ops on the CPU the network and the relevance pass run channels_last, where
+    oneDNN's convolutions are fastest; the heatmaps come back contiguous, and the numbers are
+    those of the usual layout up to float rounding in the convolutions' sums.
+    """
+
+
+    network_attribute = "DenseNet"  # the original IsDense's name
+
+    def __init__(self, DenseNet: nn.Module, e: float = 1e-2, heat: bool = True, Zb: bool = True,
+                 explain: str = "all", selective: bool = False, reference_pairing: Optional[bool] = None,
+                 backend: str = "auto", generator: Optional[torch.Generator] = None, check_finite: bool = True,
+                 reference_quirks: bool = True):
+        super().__init__()
+        self._reference_quirks, self._reference_pairing = resolve_reference_quirks(reference_quirks,
+                                                                                   reference_pairing)
+        self._configure(DenseNet, e, heat, Zb, explain, selective, backend, generator, check_finite)
+
+    @property
+    def reference_quirks(self) -> bool:
+        """The original's max-pool un-pooling (overwriting), and its dense pairing unless
+        ``reference_pairing`` was set to False; False: the LRP rules as written."""
+        return self._reference_quirks
+
+    @reference_quirks.setter
+    def reference_quirks(self, value: bool) -> None:
+        self._reference_quirks, self._reference_pairing = resolve_reference_quirks(value, None)
+
+    @property
+    def reference_pairing(self) -> bool:
+        """The original's choice of consumers in dense blocks of ten or more layers."""
+        return self._reference_pairing
+
+    @reference_pairing.setter
+    def reference_pairing(self, value: bool) -> None:
+        self._reference_quirks, self._reference_pairing = resolve_reference_quirks(self._reference_quirks, value)
+
+    def _read_plan(self, network: nn.Module):
+        return build_plan(network, self._reference_pairing)
+
+    def _check_input(self, x: torch.Tensor, plan) -> None:
+        check_input(x, plan, self._check_finite)
+
+    def _forward_pass(self, plan, x: torch.Tensor):
+        return run_forward(plan, x)
+
+    def _relevance(self, plan, acts, at_classifier_input: torch.Tensor, ops) -> torch.Tensor:
+        return relevance(plan, acts, self._e, self._Zb, ops, at_classifier_input,
+                         overwrite_unpool=self._reference_quirks)
+
+    def _state_dict_mismatch(self, state_dict: Mapping[str, Any], strict: bool) -> Optional[str]:
+        return state_dict_mismatch(self, state_dict, strict)
 
     @classmethod
     def from_checkpoint(cls, path: Union[str, os.PathLike], DenseNet: nn.Module, map_location="cpu", **kwargs):
@@ -240,13 +306,7 @@ class IsDenseFast(nn.Module):
         that is empty, truncated or no torch checkpoint raises a ValueError naming it
         (:func:`load_checkpoint_file`).
         """
-        checkpoint = load_checkpoint_file(path, map_location=map_location)
-        state_dict = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, Mapping) else None
-        if not isinstance(state_dict, Mapping):
-            raise ValueError(f"{path} holds no state dict; expected a dict of tensors or {{'state_dict': ...}}")
-        model = cls(DenseNet, **kwargs)
-        model.load_state_dict(state_dict)
-        return model
+        return cls._from_checkpoint(path, DenseNet, map_location, kwargs)
 
 
 class StateDictMismatchError(RuntimeError, ValueError):
@@ -478,7 +538,7 @@ def ops_for(backend: str, x: torch.Tensor):
         return torch_ops
     if backend == "auto":
         try:
-            from . import triton_ops
+            from .engine import triton_ops
         except ImportError:  # no triton on this platform: the torch ops compute the same
             return torch_ops
         return triton_ops
@@ -488,7 +548,7 @@ def ops_for(backend: str, x: torch.Tensor):
             "(or 'auto'), or run the kernels in Triton's interpreter by setting TRITON_INTERPRET=1 before "
             "importing isnet_fast (slow: for tests)")
     try:
-        from . import triton_ops
+        from .engine import triton_ops
     except ImportError as error:  # triton missing (not Linux, or not installed)
         raise RuntimeError(f"backend='triton' needs the triton package: {error}") from error
     return triton_ops

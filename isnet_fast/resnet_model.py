@@ -1,28 +1,24 @@
 """IsResNetFast: the ISNet ResNet (the authors' ``LRPResNet``) with a fast, exact relevance pass.
 
-It takes the settings, variants and checks of ``IsDenseFast`` (reusing its validation functions)
-around a ResNet in torchvision's layout (``isnet_fast.resnet``). IsDenseFast is left as it is:
-sharing its class would mean reshaping it while others build on it; the two keep the same
-arguments and messages by calling the same checks.
+The settings, variants, ``forward`` and checkpoint loading are IsDenseFast's (their shared base,
+``model.ISNetFast``); around a ResNet in torchvision's layout (``isnet_fast.models.resnet``) this
+adds the ResNet's steps (``isnet_fast.engine.resnet``).
 """
 
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
 from typing import List, Mapping, Optional, Union
 
 import torch
 import torch.nn as nn
 
-from . import torch_ops
-from .model import BACKENDS, StateDictMismatchError, check_e, check_flag, load_checkpoint_file, ops_for
-from .output import check_classes, check_variant, classifier_input_relevance, explained_classes
-from .resnet_plan import build_resnet_plan
-from .resnet_relevance import check_resnet_input, resnet_relevance, run_resnet_forward
+from .model import ISNetFast, check_flag
+from .engine.resnet.plan import build_resnet_plan
+from .engine.resnet.relevance import check_resnet_input, resnet_relevance, run_resnet_forward
 
 
-class IsResNetFast(nn.Module):
+class IsResNetFast(ISNetFast):
     """Drop-in for the authors' ``LRPResNet(network, heat, e, Zb, rule='e', ...)``.
 
     ``forward(x, classes=None)`` returns ``(y, R)``: logits ``B x K`` and heatmaps
@@ -42,65 +38,16 @@ class IsResNetFast(nn.Module):
     ``generator`` can be changed on the instance, checked as IsDenseFast checks them.
     """
 
+    network_attribute = "resnet"  # the authors' LRPResNet's name, so its state dicts' keys match
+    bias_detached_in_all = True  # the authors' ResNet code detaches it in every variant
+
     def __init__(self, resnet: nn.Module, e: float = 1e-2, heat: bool = True, Zb: bool = True,
                  explain: str = "all", selective: bool = False, backend: str = "auto",
                  generator: Optional[torch.Generator] = None, check_finite: bool = True,
                  reference_quirks: bool = True):
         super().__init__()
-        self.e = e  # the properties below check these
-        self.heat = heat
-        self.Zb = Zb
-        self.check_finite = check_finite
         self.reference_quirks = reference_quirks
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        plan = build_resnet_plan(resnet)  # fail now, not at the first forward
-        check_variant(explain, selective, plan.classifier.out_features)
-        self.resnet = resnet  # the authors' LRPResNet's name, so its state dicts' keys match
-        self._explain = explain
-        self._selective = selective
-        self.backend = backend
-        self.generator = generator
-
-    @property
-    def e(self) -> float:
-        """The epsilon rule's stabiliser, a finite number > 0."""
-        return self._e
-
-    @e.setter
-    def e(self, value: float) -> None:
-        check_e(value)
-        self._e = float(value)
-
-    @property
-    def heat(self) -> bool:
-        """Whether ``forward`` computes heatmaps (else it returns only the logits)."""
-        return self._heat
-
-    @heat.setter
-    def heat(self, value: bool) -> None:
-        check_flag("heat", value)
-        self._heat = value
-
-    @property
-    def Zb(self) -> bool:
-        """The z^B rule at the input (else the epsilon rule)."""
-        return self._Zb
-
-    @Zb.setter
-    def Zb(self, value: bool) -> None:
-        check_flag("Zb", value)
-        self._Zb = value
-
-    @property
-    def check_finite(self) -> bool:
-        """Whether ``forward`` rejects images holding NaN or Inf (one device sync per call)."""
-        return self._check_finite
-
-    @check_finite.setter
-    def check_finite(self, value: bool) -> None:
-        check_flag("check_finite", value)
-        self._check_finite = value
+        self._configure(resnet, e, heat, Zb, explain, selective, backend, generator, check_finite)
 
     @property
     def reference_quirks(self) -> bool:
@@ -112,92 +59,28 @@ class IsResNetFast(nn.Module):
         check_flag("reference_quirks", value)
         self._reference_quirks = value
 
-    @property
-    def explain(self) -> str:
-        """Which logit or quantity the maps explain: "all", "top", "lowest", "random" or "sum"."""
-        return self._explain
+    def _read_plan(self, network: nn.Module):
+        return build_resnet_plan(network)
 
-    @explain.setter
-    def explain(self, value: str) -> None:
-        check_variant(value, self._selective, self._num_classes())
-        self._explain = value
-
-    @property
-    def selective(self) -> bool:
-        """Explain the class-selective quantity instead of the logit."""
-        return self._selective
-
-    @selective.setter
-    def selective(self, value: bool) -> None:
-        check_variant(self._explain, value, self._num_classes())
-        self._selective = value
-
-    @property
-    def maps_per_image(self) -> int:
-        """M, the heatmaps each image gets without ``classes``: K for "all", else 1."""
-        return self._num_classes() if self._explain == "all" else 1
-
-    def _num_classes(self) -> int:
-        return build_resnet_plan(self.resnet).classifier.out_features
-
-    def explained_classes(self, y: torch.Tensor, classes: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
-        """The class each image's one map explains for logits ``y`` (drawing for "random"), or
-        None when there is a map per class ("all") or one for the sum of the logits ("sum")."""
-        return explained_classes(y, self._explain, classes, self.generator)
-
-    def forward(self, x: torch.Tensor, classes: Optional[torch.Tensor] = None):
-        plan = build_resnet_plan(self.resnet)
+    def _check_input(self, x: torch.Tensor, plan) -> None:
         check_resnet_input(x, plan, self._check_finite)
-        if classes is not None:
-            check_classes(classes, x.shape[0], plan.classifier.out_features)
-        if not self.heat:
-            return self.resnet(x)
-        ops = ops_for(self.backend, x)
-        channels_last = ops is torch_ops and x.device.type == "cpu"
-        if channels_last:  # oneDNN's convolutions run fastest so; the torch ops keep that layout
-            x = x.contiguous(memory_format=torch.channels_last)
-        acts = run_resnet_forward(plan, x)
-        e = self._e
-        explained = explained_classes(acts.y, self._explain, classes, self.generator)
-        at_classifier_input = classifier_input_relevance(plan.classifier, acts.classifier_input, acts.y, e,
-                                                         self._explain, self._selective, explained,
-                                                         bias_detached_in_all=True)
-        heatmaps = resnet_relevance(plan, acts, e, self._Zb, at_classifier_input, ops,
-                                    overwrite_unpool=self._reference_quirks)
-        return acts.y, heatmaps.contiguous() if channels_last else heatmaps
 
-    def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True, assign: bool = False):
-        """Loads our checkpoints, the authors' LRPResNet's and its Lightning module's.
+    def _forward_pass(self, plan, x: torch.Tensor):
+        return run_resnet_forward(plan, x)
 
-        Keys may carry a ``model.`` prefix (Lightning); the LRP block's duplicate ``LRPBlock.*``
-        entries (aliases of the ResNet's own parameters) and a Lightning module's ``Cweight`` are
-        ignored. A state dict that does not fit raises :class:`StateDictMismatchError` in a few
-        lines naming the first keys that differ.
-        """
-        cleaned = OrderedDict()
-        for key, value in state_dict.items():
-            if key.startswith("model."):
-                key = key[len("model."):]
-            if key.startswith("LRPBlock.") or ".LRPBlock." in key or key == "Cweight":
-                continue
-            cleaned[key] = value
-        problem = resnet_state_dict_mismatch(self, cleaned, strict)
-        if problem:
-            raise StateDictMismatchError(problem)
-        return super().load_state_dict(cleaned, strict=strict, assign=assign)
+    def _relevance(self, plan, acts, at_classifier_input: torch.Tensor, ops) -> torch.Tensor:
+        return resnet_relevance(plan, acts, self._e, self._Zb, at_classifier_input, ops,
+                                overwrite_unpool=self._reference_quirks)
+
+    def _state_dict_mismatch(self, state_dict: Mapping[str, object], strict: bool) -> Optional[str]:
+        return resnet_state_dict_mismatch(self, state_dict, strict)
 
     @classmethod
     def from_checkpoint(cls, path: Union[str, os.PathLike], resnet: nn.Module, map_location="cpu", **kwargs):
         """Builds an IsResNetFast around ``resnet`` and loads a checkpoint file into it (a bare
         state dict, or a dict holding one under ``state_dict``). Keyword arguments go to the
         constructor; a broken file raises a ValueError naming it (``model.load_checkpoint_file``)."""
-        checkpoint = load_checkpoint_file(path, map_location=map_location)
-        state_dict = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, Mapping) else None
-        if not isinstance(state_dict, Mapping):
-            raise ValueError(f"{path} holds no state dict; expected a dict of tensors or {{'state_dict': ...}}")
-        model = cls(resnet, **kwargs)
-        model.load_state_dict(state_dict)
-        return model
+        return cls._from_checkpoint(path, resnet, map_location, kwargs)
 
 
 def resnet_state_dict_mismatch(model: nn.Module, state_dict: Mapping[str, object],

@@ -50,7 +50,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .architectures import ISNET_MODELS, build_resnet, is_resnet, resnet_config
-from .densenet import DenseNet
+from .models.densenet import DenseNet
 from .loss import NonFiniteHeatmapError, heatmap_loss
 from .model import IsDenseFast, load_checkpoint_file
 from .resnet_model import IsResNetFast

@@ -10,7 +10,7 @@ checks the compiled TTIR for that).
 
 Every launcher takes ``wrap_triton``, applied to its kernel before ``[grid](...)``: the kernel
 itself by default, ``torch.library.wrap_triton`` (or a wrapper of it) where the launcher runs
-inside a ``torch.library.triton_op`` (``isnet_fast.triton_ops``), so that tracing records the
+inside a ``torch.library.triton_op`` (``isnet_fast.engine.triton_ops``), so that tracing records the
 launch. The parameter bears torch's name because torch finds a triton_op's kernels (for
 AOTAutograd's cache key) by looking for calls so named in its source.
 """

@@ -56,8 +56,8 @@ def test_autocast_output_layer_runs_in_float32(monkeypatch):
     seen = []
     real = model_module.classifier_input_relevance
 
-    def spy(linear, a, y, *args):
-        result = real(linear, a, y, *args)
+    def spy(linear, a, y, *args, **kwargs):
+        result = real(linear, a, y, *args, **kwargs)
         seen.append((y.dtype, result.dtype))
         return result
     monkeypatch.setattr(model_module, "classifier_input_relevance", spy)
@@ -80,7 +80,7 @@ def test_autocast_train_step_backpropagates():
 
 
 def test_batch_statistics_in_float32_under_autocast():
-    from isnet_fast.relevance import batch_statistics
+    from isnet_fast.engine.rules import batch_statistics
     torch.manual_seed(0)
     features = (torch.randn(4, 6, 9, 9) * 3 + 100).to(torch.bfloat16)  # a mean that bf16 rounds coarsely
     mean, var = batch_statistics(features)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from isnet_fast import benchmark as bm
-from isnet_fast.resnet import ResNet
+from isnet_fast.models.resnet import ResNet
 from isnet_fast.resnet_model import IsResNetFast
 
 # The original calls the deprecated torch.cuda.amp.autocast.

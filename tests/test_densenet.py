@@ -1,7 +1,6 @@
 """The ISNet DenseNet: layout, parameter counts and state-dict compatibility."""
 
 import importlib.util
-import os
 import re
 from collections import OrderedDict
 from pathlib import Path
@@ -11,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from helpers import original_reference_folder
-from isnet_fast.densenet import (DenseNet, convert_torchvision_state_dict, densenet121, densenet161,
+from isnet_fast.models.densenet import (DenseNet, convert_torchvision_state_dict, densenet121, densenet161,
                                  densenet169, densenet201)
 
 TINY = dict(growth_rate=4, block_config=(2, 2), num_init_features=8, bn_size=2)

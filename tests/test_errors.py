@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from isnet_fast import DenseNet, IsDenseFast
-from isnet_fast.structure import UnsupportedModelError
+from isnet_fast.engine import UnsupportedModelError
 
 
 def tiny_densenet():

@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from isnet_fast import DenseNet, IsDenseFast, densenet121, heatmap_loss
 from isnet_fast.loss import NonFiniteHeatmapError
-from isnet_fast.structure import UnsupportedModelError
+from isnet_fast.engine import UnsupportedModelError
 from isnet_fast.training import (CHECKPOINT_FORMAT, NonFiniteError, TrainConfig, load_checkpoint, load_model,
                                  save_checkpoint, train)
 from test_training import quiet, toy_data as training_toy_data

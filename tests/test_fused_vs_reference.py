@@ -7,10 +7,10 @@ import torch
 
 from helpers import rel_err
 from isnet_fast import DenseNet
-from isnet_fast.forward import run_forward
-from isnet_fast.reference import reference_relevance
-from isnet_fast.relevance import relevance
-from isnet_fast.structure import build_plan
+from isnet_fast.engine.densenet.forward import run_forward
+from isnet_fast.engine.densenet.reference import reference_relevance
+from isnet_fast.engine.densenet.relevance import relevance
+from isnet_fast.engine.densenet.plan import build_plan
 
 CASES = {
     # id: (DenseNet kwargs, input H x W, batch, mode)

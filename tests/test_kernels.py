@@ -1,4 +1,4 @@
-"""The Triton kernels (through ``isnet_fast.triton_ops``) against the plain torch ops.
+"""The Triton kernels (through ``isnet_fast.engine.triton_ops``) against the plain torch ops.
 
 Accuracy is judged as flash-attention's tests do: against a float64 torch reference computed
 from the same (rounded) inputs, the Triton float32 result may be off by at most twice what the
@@ -28,8 +28,8 @@ import torch.nn.functional as F
 pytest.importorskip("triton")
 
 from helpers import rel_err  # noqa: E402
-from isnet_fast import torch_ops, triton_ops  # noqa: E402
-from isnet_fast.functions import overwrite_winners  # noqa: E402
+from isnet_fast.engine import torch_ops, triton_ops  # noqa: E402
+from isnet_fast.engine.functions import overwrite_winners  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = [pytest.param(torch.float32, id="float32"), pytest.param(torch.float64, id="float64")]

@@ -7,9 +7,11 @@ import pytest
 import torch
 
 from helpers import rel_err
-from isnet_fast import DenseNet, IsDenseFast, torch_ops
-from isnet_fast.functions import overwrite_winners
-from isnet_fast.relevance import batch_statistics, split_channels
+from isnet_fast import DenseNet, IsDenseFast
+from isnet_fast.engine import torch_ops
+from isnet_fast.engine.functions import overwrite_winners
+from isnet_fast.engine.densenet.relevance import split_channels
+from isnet_fast.engine.rules import batch_statistics
 
 B, C, CH, H, W = 2, 3, 5, 6, 7
 
@@ -140,9 +142,9 @@ class LayoutWatcher:
 def test_relevance_stays_channels_last_for_any_batch_and_class_count(batch, classes):
     # Size-one batch or class dimensions once made torch read channels_last tensors as NCHW
     # (a merged size-one dimension gets a small stride), and the pass fell back to NCHW.
-    from isnet_fast.forward import run_forward
-    from isnet_fast.relevance import relevance
-    from isnet_fast.structure import build_plan
+    from isnet_fast.engine.densenet.forward import run_forward
+    from isnet_fast.engine.densenet.relevance import relevance
+    from isnet_fast.engine.densenet.plan import build_plan
     torch.manual_seed(0)
     net = DenseNet(growth_rate=4, block_config=(2, 3), num_init_features=8, bn_size=2, num_classes=classes).train()
     plan = build_plan(net)

@@ -1,11 +1,9 @@
 """Tests for isnet_fast.loss.heatmap_loss (ISNet's LRPLossCEValleysGWRP)."""
 
 import importlib.util
-import os
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F

@@ -6,10 +6,11 @@ import weakref
 import pytest
 import torch
 
-from isnet_fast import DenseNet, torch_ops
-from isnet_fast.forward import run_forward
-from isnet_fast.relevance import relevance
-from isnet_fast.structure import build_plan
+from isnet_fast import DenseNet
+from isnet_fast.engine import torch_ops
+from isnet_fast.engine.densenet.forward import run_forward
+from isnet_fast.engine.densenet.relevance import relevance
+from isnet_fast.engine.densenet.plan import build_plan
 
 
 class LiveRelevanceTracker:

@@ -2,7 +2,6 @@
 
 import copy
 import importlib
-import os
 import sys
 
 import pytest
@@ -11,7 +10,7 @@ import torch.nn as nn
 
 from helpers import load_fixture, original_reference_folder, rel_err
 from isnet_fast import DenseNet, IsDenseFast
-from isnet_fast.structure import UnsupportedModelError
+from isnet_fast.engine import UnsupportedModelError
 
 
 def tiny_densenet(**overrides):

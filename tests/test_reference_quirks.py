@@ -22,10 +22,11 @@ import torch.nn.functional as F
 pytest.importorskip("triton")
 
 from helpers import rel_err  # noqa: E402
-from isnet_fast import DenseNet, IsDenseFast, torch_ops, triton_ops  # noqa: E402
-from isnet_fast.forward import run_forward  # noqa: E402
-from isnet_fast.relevance import relevance  # noqa: E402
-from isnet_fast.structure import build_plan  # noqa: E402
+from isnet_fast import DenseNet, IsDenseFast  # noqa: E402
+from isnet_fast.engine import torch_ops, triton_ops
+from isnet_fast.engine.densenet.forward import run_forward  # noqa: E402
+from isnet_fast.engine.densenet.relevance import relevance  # noqa: E402
+from isnet_fast.engine.densenet.plan import build_plan  # noqa: E402
 from test_kernels import (DEVICE, DTYPES, E, FLOAT64_TOL, UnpoolCase, assert_accurate, channels_last,  # noqa: E402
                           evaluate, evaluate_triton, expected_strides, generator, has_shared_pixels,
                           nan_filled_allocations, nonzero_pre, pool_indices, randn, unpool_spec)

@@ -1,4 +1,4 @@
-"""The residual sum's kernels (``kernels/residual_split.py``, through ``isnet_fast.triton_ops``)
+"""The residual sum's kernels (``kernels/residual_split.py``, through ``isnet_fast.engine.triton_ops``)
 against the torch ops, and the ResNet pass on the Triton backend running them.
 
 Accuracy as in ``tests/test_kernels.py`` (whose helpers these tests use): float64 within 1e-12 of
@@ -19,8 +19,9 @@ import torch.nn.functional as F
 pytest.importorskip("triton")
 
 from helpers import rel_err  # noqa: E402
-from isnet_fast import IsResNetFast, ResNet, torch_ops, triton_ops  # noqa: E402
-from isnet_fast.resnet_relevance import _op  # noqa: E402
+from isnet_fast import IsResNetFast, ResNet  # noqa: E402
+from isnet_fast.engine import torch_ops, triton_ops
+from isnet_fast.engine.resnet.relevance import _op  # noqa: E402
 from test_kernels import (DEVICE, DTYPES, E, FLOAT64_TOL, Spec, channels_last, check_against_torch,  # noqa: E402
                           evaluate_triton, expected_strides, generator, nan_filled_allocations, nonzero_pre, randn,
                           with_zeros)

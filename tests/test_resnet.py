@@ -10,11 +10,11 @@ import torch.nn as nn
 
 from helpers import load_fixture, rel_err
 from isnet_fast import IsResNetFast, ResNet, resnet18, resnet50
-from isnet_fast.output import classifier_input_relevance
-from isnet_fast.resnet_plan import build_resnet_plan
-from isnet_fast.resnet_reference import reference_resnet_relevance
-from isnet_fast.resnet_relevance import resnet_relevance, run_resnet_forward
-from isnet_fast.structure import UnsupportedModelError
+from isnet_fast.engine.output import classifier_input_relevance
+from isnet_fast.engine.resnet.plan import build_resnet_plan
+from isnet_fast.engine.resnet.reference import reference_resnet_relevance
+from isnet_fast.engine.resnet.relevance import resnet_relevance, run_resnet_forward
+from isnet_fast.engine import UnsupportedModelError
 from test_parity import TOLERANCE
 
 FIXTURES = ["rn_basic_original_eval", "rn_basic_selective_eval_noZb", "rn_basic_selective_label_eval",
@@ -271,6 +271,20 @@ def test_summing_unpool_gives_gradient_times_input_where_the_reference_loses_rel
         _, overwritten = model(x, classes=torch.tensor([1, 1]))
     assert rel_err(summed[:, 0], x * grad) <= 1e-5
     assert rel_err(overwritten[:, 0], x * grad) >= 0.05
+
+
+@pytest.mark.parametrize("block, widths", [("basic", (4, 6)), ("bottleneck", (2, 3))], ids=["basic", "bottleneck"])
+def test_without_quirks_the_summed_maps_are_gradient_times_input(block, widths):
+    # The check: e=1e-12, Zb off, eval, float64, one map per class summed over the
+    # classes against sum_c x * dy_c/dx, within 1e-6, for both blocks (downsampling ones included).
+    net = random_net(block, (1, 2), widths, num_classes=3, seed=11).eval()
+    x = torch.rand(2, 3, 33, 31, dtype=torch.float64, requires_grad=True)
+    grad = torch.autograd.grad(net(x).sum(), x)[0]  # images are independent in eval mode
+    model = IsResNetFast(net, e=1e-12, Zb=False, reference_quirks=False).eval()
+    with torch.no_grad():
+        _, maps = model(x)
+    assert maps.shape[1] == 3
+    assert rel_err(maps.sum(1), x * grad) <= 1e-6
 
 
 # ---------------------------------------------------------------------------------------------

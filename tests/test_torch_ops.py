@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from helpers import rel_err
-from isnet_fast import torch_ops
+from isnet_fast.engine import torch_ops
 
 
 def relu_case(dtype, channels_last):

@@ -11,7 +11,8 @@ pytest.importorskip("triton")
 
 import isnet_fast.model  # noqa: E402
 from helpers import load_fixture, rel_err  # noqa: E402
-from isnet_fast import DenseNet, IsDenseFast, torch_ops  # noqa: E402
+from isnet_fast import DenseNet, IsDenseFast  # noqa: E402
+from isnet_fast.engine import torch_ops
 from test_parity import assert_matches_fixture, build_from_fixture  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -73,7 +74,7 @@ def test_auto_backend_uses_torch_ops_on_cpu(monkeypatch):
 
 
 def test_triton_backend_uses_triton_ops():
-    from isnet_fast import triton_ops
+    from isnet_fast.engine import triton_ops
     x = torch.rand(1, 3, 8, 8, device=DEVICE)
     assert isnet_fast.model.ops_for("triton", x) is triton_ops
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 triton = pytest.importorskip("triton")
 
-from isnet_fast import triton_ops  # noqa: E402
+from isnet_fast.engine import triton_ops  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ROOT = Path(__file__).resolve().parent.parent
@@ -319,7 +319,7 @@ def test_torch_finds_every_ops_kernels():
     """torch scans a triton_op's source for its kernels (AOTAutograd's cache key hashes their
     source, so that an edited kernel is recompiled). Interpreted kernels are not Triton's JIT
     functions, so this imports the ops without the interpreter, in a subprocess."""
-    script = ("import json, torch, isnet_fast.triton_ops\n"
+    script = ("import json, torch, isnet_fast.engine.triton_ops\n"
               f"names = {sorted(KERNELS_OF_OPS)!r}\n"
               "print(json.dumps({n: sorted(k.fn.__name__ for k in torch._library.triton.get_triton_kernels_for_op(n))"
               " for n in names}))\n")

@@ -6,7 +6,7 @@ import torch
 
 from helpers import load_fixture, rel_err
 from isnet_fast import DenseNet, IsDenseFast
-from isnet_fast.output import stochastic_classes
+from isnet_fast.engine.output import stochastic_classes
 from test_parity import TOLERANCE, assert_matches_fixture, build_from_fixture
 
 # The faster reference un-pools in float64: an exact implementation lands near 1e-13.
@@ -181,7 +181,7 @@ def test_sum_is_the_sum_of_the_single_logit_maps():
 
 def test_one_map_pass_sees_one_map_below_the_classifier(monkeypatch):
     # Cost independent of K: every relevance tensor below the output layer is B x 1 x ...
-    import isnet_fast.relevance as relevance_module
+    import isnet_fast.engine.densenet.relevance as relevance_module
     seen = []
     real = relevance_module.post_block_relevance
 
@@ -293,7 +293,7 @@ def test_bad_variants_raise_at_construction_and_on_the_instance(kwargs, num_clas
 def test_selective_quantity_stays_finite_for_far_apart_logits():
     # exp(-Z) alone overflows float32 once a logit is 88 above the explained one (argmin's);
     # scaled as in a log-sum-exp the quantity is the same and finite.
-    from isnet_fast.output import classifier_input_relevance
+    from isnet_fast.engine.output import classifier_input_relevance
     torch.manual_seed(0)
     linear = torch.nn.Linear(6, 4).double()
     a = torch.rand(3, 6, dtype=torch.float64)

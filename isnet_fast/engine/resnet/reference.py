@@ -3,7 +3,7 @@
 One map at a time, one module at a time: each BatchNorm folded into its conv's weights by hand,
 the pre-activations recomputed by a forward convolution, the relevance itself (not a factor)
 carried from step to step, exactly as the equations are written. The fused pass
-(``isnet_fast.resnet_relevance``) must agree with it at any input size, width and depth.
+(``isnet_fast.engine.resnet.relevance``) must agree with it at any input size, width and depth.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .relevance import ZB_HIGH, ZB_LOW
-from .resnet_plan import ResNetPlan
-from .resnet_relevance import ResNetActivations
+from ..rules import ZB_HIGH, ZB_LOW
+from .plan import ResNetPlan
+from .relevance import ResNetActivations
 
 
 def _stabilized(z, e):

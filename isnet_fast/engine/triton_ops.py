@@ -291,7 +291,7 @@ class MaxUnpoolSumGated(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------------------------
-# The ResNet's residual sum (``kernels/residual_split.py``, ``isnet_fast.resnet_relevance``)
+# The ResNet's residual sum (``kernels/residual_split.py``, ``isnet_fast.engine.resnet.relevance``)
 # ---------------------------------------------------------------------------------------------
 
 @_registered

@@ -3,7 +3,7 @@
 Each consumer of a layer's output sends its relevance back through its own transposed
 convolution, with its BatchNorm folded into the producer's weights and the pre-activations
 recomputed by a forward convolution, exactly as the equations are written. The fused pass
-(``isnet_fast.relevance``) must agree with it at any input size and channel count.
+(``isnet_fast.engine.densenet.relevance``) must agree with it at any input size and channel count.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from .forward import Activations
-from .relevance import ZB_HIGH, ZB_LOW, batchnorm_fold
-from .torch_ops import stabilize
-from .structure import DenseNetPlan
+from ..rules import ZB_HIGH, ZB_LOW, batchnorm_fold
+from ..torch_ops import stabilize
+from .plan import DenseNetPlan
 
 
 def _transposed(s, weight, stride, padding, input_hw):

@@ -12,7 +12,8 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from .structure import DenseNetPlan
+from ..rules import autocast_to
+from .plan import DenseNetPlan
 
 
 @dataclass
@@ -72,7 +73,7 @@ def check_input(x: torch.Tensor, plan: DenseNetPlan, check_finite: bool = True) 
     if not torch.is_floating_point(x):
         raise TypeError(f"expected floating-point images, got {x.dtype}; convert with x.float() (scale to [0, 1])")
     weight = plan.features.conv0.weight
-    if x.dtype != weight.dtype and not _autocast_to(x.dtype, x.device.type):
+    if x.dtype != weight.dtype and not autocast_to(x.dtype, x.device.type):
         # The parameters' dtype: under torch.autocast an input of the model's dtype works, and so
         # does one already of autocast's dtype (which autocast computes in).
         raise TypeError(f"the images are {x.dtype} but the model's parameters are {weight.dtype}; "
@@ -91,14 +92,6 @@ def check_input(x: torch.Tensor, plan: DenseNetPlan, check_finite: bool = True) 
             raise ValueError(f"image {int(bad[0])} of the batch holds NaN or Inf pixels ({bad.numel()} of "
                              f"{x.shape[0]} images do); clean the data, e.g. torch.nan_to_num(x), or drop them "
                              "(IsDenseFast(..., check_finite=False) skips this check)")
-
-
-def _autocast_to(dtype: torch.dtype, device_type: str) -> bool:
-    """Whether torch.autocast is on for ``device_type`` and computes in ``dtype``."""
-    try:
-        return torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == dtype
-    except (RuntimeError, TypeError, ValueError):  # a device type autocast does not know
-        return False
 
 
 def minimum_input_size(plan: DenseNetPlan) -> int:

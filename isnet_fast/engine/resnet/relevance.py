@@ -4,7 +4,7 @@ The forward calls the model's own modules in the order of torchvision's layout, 
 running statistics (and dropout draws) move exactly as in ``model(x)``; no hooks.
 
 The relevance pass walks the plan backwards with the DenseNet pass's conventions
-(``isnet_fast.relevance``): relevance travels as a factor ``c`` with ``R = activation * c``, in
+(``isnet_fast.engine.densenet.relevance``): relevance travels as a factor ``c`` with ``R = activation * c``, in
 tensors ``B x M x ch x H x W`` (M maps per image), and each convolution's relevance goes back
 through one transposed convolution of its quotient (the factor times a class-independent gate,
 the BatchNorm after the conv folded in). The rules (the authors' ``LRPResNet``):
@@ -30,11 +30,10 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from . import torch_ops
-from .forward import _autocast_to
-from .relevance import _is_forward_fold, batchnorm_fold, conv_transpose, input_layer_terms
-from .resnet_plan import ResidualBlockPlan, ResNetPlan
-from .torch_ops import merge_batch_and_classes, split_batch_and_classes, stabilize
+from .. import torch_ops
+from ..rules import autocast_to, batchnorm_fold, conv_transpose, input_layer_terms, is_forward_fold
+from .plan import ResidualBlockPlan, ResNetPlan
+from ..torch_ops import merge_batch_and_classes, split_batch_and_classes, stabilize
 
 
 @dataclass
@@ -82,7 +81,7 @@ def check_resnet_input(x: torch.Tensor, plan: ResNetPlan, check_finite: bool = T
     if not torch.is_floating_point(x):
         raise TypeError(f"expected floating-point images, got {x.dtype}; convert with x.float() (scale to [0, 1])")
     weight = conv1.weight
-    if x.dtype != weight.dtype and not _autocast_to(x.dtype, x.device.type):
+    if x.dtype != weight.dtype and not autocast_to(x.dtype, x.device.type):
         raise TypeError(f"the images are {x.dtype} but the model's parameters are {weight.dtype}; "
                         f"convert the images with x.to({weight.dtype}) or the model with model.to({x.dtype})")
     if x.device != weight.device:
@@ -155,14 +154,14 @@ def residual_block_relevance(block: ResidualBlockPlan, acts: ResidualBlockActiva
     scale, shift = batchnorm_fold(last.bn, acts.conv_outputs[-1])
     # acts.output is relu(acts.total): the hints' shortcuts, which the ops take only without autograd
     quotient = split(factor, acts.output, acts.total, acts.branch, acts.conv_outputs[-1], scale, shift, e,
-                     out_is_relu=True, part_is_fold=_is_forward_fold(last.bn))
+                     out_is_relu=True, part_is_fold=is_forward_fold(last.bn))
     back = conv_transpose(last.conv, merge_batch_and_classes(quotient), acts.conv_inputs[-1].shape[-2:])
     for position in reversed(range(len(block.convs) - 1)):
         unit = block.convs[position]
         scale, shift = batchnorm_fold(unit.bn, acts.conv_outputs[position])
         quotient = ops.gated_product(split_batch_and_classes(back, batch), acts.conv_inputs[position + 1],
                                      acts.conv_outputs[position], scale, shift, e,
-                                     act_is_relu=_is_forward_fold(unit.bn))
+                                     act_is_relu=is_forward_fold(unit.bn))
         back = conv_transpose(unit.conv, merge_batch_and_classes(quotient), acts.conv_inputs[position].shape[-2:])
     branch = split_batch_and_classes(back, batch)
     if block.downsample is None:
@@ -170,7 +169,7 @@ def residual_block_relevance(block: ResidualBlockPlan, acts: ResidualBlockActiva
     downsample = block.downsample
     scale, shift = batchnorm_fold(downsample.bn, acts.downsample_conv_out)
     quotient = split(factor, acts.output, acts.total, acts.shortcut, acts.downsample_conv_out, scale, shift, e,
-                     out_is_relu=True, part_is_fold=_is_forward_fold(downsample.bn))
+                     out_is_relu=True, part_is_fold=is_forward_fold(downsample.bn))
     back = conv_transpose(downsample.conv, merge_batch_and_classes(quotient), acts.block_input.shape[-2:])
     return branch + split_batch_and_classes(back, batch)
 
@@ -199,7 +198,7 @@ def nn_pair_first(value) -> int:
 def resnet_relevance(plan: ResNetPlan, acts: ResNetActivations, e: float, zb: bool, at_classifier_input: torch.Tensor,
                      ops=torch_ops, overwrite_unpool: bool = True) -> torch.Tensor:
     """Heatmaps ``B x M x 3 x H x W`` from the forward pass's activations and the relevance at the
-    classifier's input, ``B x M x F`` (what the maps explain, ``isnet_fast.output``)."""
+    classifier's input, ``B x M x F`` (what the maps explain, ``isnet_fast.engine.output``)."""
     factor = global_pool_relevance(at_classifier_input, acts, e)
     for block, block_acts in zip(reversed(plan.blocks), reversed(acts.blocks)):
         factor = residual_block_relevance(block, block_acts, factor, e, ops)

@@ -11,9 +11,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch.nn as nn
 
-
-class UnsupportedModelError(ValueError):
-    """The model does not have the structure ISNet's relevance pass needs."""
+from .. import UnsupportedModelError
 
 
 @dataclass

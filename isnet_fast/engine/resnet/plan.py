@@ -16,7 +16,7 @@ from typing import List, Optional
 
 import torch.nn as nn
 
-from .structure import UnsupportedModelError
+from .. import UnsupportedModelError
 
 _BATCHNORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
 _KINDS = {2: "basic", 3: "bottleneck"}  # by the number of BatchNorm-folded convs in the branch

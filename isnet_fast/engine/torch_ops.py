@@ -183,7 +183,7 @@ def input_rule(back, x, coefficients=()):
 
 
 # ---------------------------------------------------------------------------------------------
-# The ResNet's residual sum (``isnet_fast.resnet_relevance``). With ``s = a + b`` (the shortcut
+# The ResNet's residual sum (``isnet_fast.engine.resnet.relevance``). With ``s = a + b`` (the shortcut
 # ``a`` and the branch ``b``, before the post-sum ReLU ``out = relu(s)``) and relevance
 # ``out * rel`` at the block's output, the shortcut gets ``out * rel * a / stab(s)`` and the
 # branch ``out * rel * b / stab(s)``; each is consumed by an epsilon step (or, for an identity

@@ -6,7 +6,7 @@ the producer, with the stabiliser) is summed channel-wise first. Everything that
 depend on the class (activations, folds, stabilised denominators) is computed once per image
 as a "gate" and broadcast over the maps; relevance tensors are ``B x M x ch x H x W``, with M
 maps per image: one per class (the original ISNet) or one (the Faster ISNet variants, see
-``isnet_fast.output``, the only step that sees the number of classes).
+``isnet_fast.engine.output``, the only step that sees the number of classes).
 
 The elementwise steps come from an ops module: ``torch_ops`` (plain torch) or
 ``triton_ops`` (fused Triton kernels with autograd Functions); convolutions stay torch's.
@@ -18,77 +18,14 @@ from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from . import torch_ops
-from .forward import Activations
-from .output import classifier_input_relevance
-from .structure import DenseBlockPlan, DenseNetPlan
-from .torch_ops import (channels_first_view, channels_last_view, merge_batch_and_classes, split_batch_and_classes,
+from .. import torch_ops
+from ..output import classifier_input_relevance
+from ..rules import batch_statistics, batchnorm_fold, conv_transpose, input_layer_terms, is_forward_fold
+from ..torch_ops import (channels_first_view, channels_last_view, merge_batch_and_classes, split_batch_and_classes,
                         stabilize)
-
-ZB_LOW, ZB_HIGH = 0.0, 1.0  # the z^B rule's pixel bounds, as in the original
-
-
-def batch_statistics(batch_input: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Detached per-channel batch mean and *unbiased* variance, as the original folds them."""
-    # Two passes (mean, then the centred squares): as exact as torch.var_mean, and on the CPU
-    # about ten times faster.
-    # Under autocast (bf16/fp16 activations) both are taken in float32.
-    batch_input = batch_input.detach()
-    dtype = torch.float32 if batch_input.dtype in (torch.float16, torch.bfloat16) else batch_input.dtype
-    mean = batch_input.mean(dim=(0, 2, 3), dtype=dtype)
-    centred = batch_input - mean.view(1, -1, 1, 1)
-    count = batch_input.numel() // batch_input.shape[1]
-    var = centred.mul_(centred).sum(dim=(0, 2, 3)) / (count - 1)
-    return mean, var
-
-
-def batchnorm_fold(bn: nn.BatchNorm2d, batch_input: torch.Tensor = None,
-                   statistics: Tuple[torch.Tensor, torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel (scale, shift) of a BatchNorm folded into the linear map before it.
-
-    Statistics are detached, as is beta; gamma is not. In training they are the batch mean and
-    unbiased variance of the BatchNorm's input: ``statistics`` (of a wider tensor whose first
-    channels are that input) when given, else those of ``batch_input``.
-    """
-    if bn.training:
-        mean, var = statistics if statistics is not None else batch_statistics(batch_input)
-        # float32 statistics of low-precision activations: kept so under autocast (float32
-        # parameters), back in the parameters' dtype for a model converted to bf16/fp16
-        mean, var = mean[:bn.num_features].to(bn.weight.dtype), var[:bn.num_features].to(bn.weight.dtype)
-    else:
-        mean, var = bn.running_mean.detach(), bn.running_var.detach()
-    std = torch.sqrt(var + bn.eps)
-    scale = bn.weight / std
-    shift = bn.weight * (-mean / std) + bn.bias.detach()
-    return scale, shift
-
-
-def _autocast_enabled(device_type: str) -> bool:
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except RuntimeError:  # a device type autocast does not know (meta): no autocast there
-        return False
-
-
-def conv_transpose(conv: nn.Conv2d, relevance: torch.Tensor, input_hw, weight: torch.Tensor = None) -> torch.Tensor:
-    """Transposed ``conv`` of ``relevance`` (N x out x h x w), sized back to its input ``input_hw``.
-
-    The output padding restores sizes that strided convolutions round down, so any input size
-    the DenseNet accepts works (the original's fixed padding needs multiples of 32).
-    """
-    weight = conv.weight if weight is None else weight
-    if relevance.dtype != weight.dtype and not _autocast_enabled(relevance.device.type):
-        relevance = relevance.to(weight.dtype)  # a model converted to bf16/fp16: float32 output relevance
-    output_padding = []
-    for dim in range(2):
-        k, s, p, d = conv.kernel_size[dim], conv.stride[dim], conv.padding[dim], conv.dilation[dim]
-        natural = (relevance.shape[2 + dim] - 1) * s - 2 * p + d * (k - 1) + 1
-        output_padding.append(input_hw[dim] - natural)
-    return F.conv_transpose2d(relevance, weight, stride=conv.stride, padding=conv.padding,
-                              output_padding=tuple(output_padding), dilation=conv.dilation, groups=conv.groups)
-
+from .forward import Activations
+from .plan import DenseBlockPlan, DenseNetPlan
 
 def consumer_folds(block: DenseBlockPlan, block_input: torch.Tensor,
                    statistics=None) -> Dict[int, Tuple[torch.Tensor, torch.Tensor, bool]]:
@@ -125,14 +62,6 @@ def consumer_folds(block: DenseBlockPlan, block_input: torch.Tensor,
                 shifts.append(fold(bn)[1][sl])
         folds[m] = (torch.cat(scales), torch.cat(shifts), False)
     return folds
-
-
-def _is_forward_fold(bn: nn.BatchNorm2d) -> bool:
-    """Whether the fold is the BatchNorm the forward applied (eval mode: its running statistics),
-    so that the ReLU after it is the ReLU of the fold's pre-activation (see
-    ``torch_ops.gated_product``). In training the fold's unbiased variance differs from the
-    biased one the BatchNorm normalised with."""
-    return not bn.training
 
 
 class _Accumulator:
@@ -212,7 +141,7 @@ def post_block_relevance(block: DenseBlockPlan, acts, post_relevance: torch.Tens
     features = acts.output
     scale, shift = batchnorm_fold(block.post_norm, features, statistics)
     return ops.gated_product(post_relevance.expand(-1, -1, -1, *features.shape[-2:]), acts.post_relu_out,
-                             features, scale, shift, e, act_is_relu=_is_forward_fold(block.post_norm))
+                             features, scale, shift, e, act_is_relu=is_forward_fold(block.post_norm))
 
 
 def block_relevance(block: DenseBlockPlan, acts, first: torch.Tensor, e: float, in_place: bool, ops,
@@ -232,12 +161,12 @@ def block_relevance(block: DenseBlockPlan, acts, first: torch.Tensor, e: float, 
         back = conv_transpose(layer.conv2, merge_batch_and_classes(accumulator.take(m)), spatial)
         norm2_scale, norm2_shift = batchnorm_fold(layer.norm2, layer_acts.conv1_out)
         back = ops.gated_product(split_batch_and_classes(back, batch), layer_acts.relu2_out, layer_acts.conv1_out,
-                                 norm2_scale, norm2_shift, e, act_is_relu=_is_forward_fold(layer.norm2))
+                                 norm2_scale, norm2_shift, e, act_is_relu=is_forward_fold(layer.norm2))
         back = conv_transpose(layer.conv1, merge_batch_and_classes(back), spatial)
         scale, shift, own_norm1 = folds[m]
         layer_input = layer_acts.norm1_in if layer_acts.norm1_in is not None else features[:, :layer_plan.in_channels]
         accumulator.add(split_batch_and_classes(back, batch), layer_acts.relu1_out, layer_input, scale, shift, e,
-                        act_is_relu=own_norm1 and _is_forward_fold(layer.norm1))
+                        act_is_relu=own_norm1 and is_forward_fold(layer.norm1))
     return accumulator.take(0)
 
 
@@ -251,7 +180,7 @@ def transition_relevance(block: DenseBlockPlan, acts, next_quotient: torch.Tenso
 
 def pool_relevance(plan: DenseNetPlan, acts: Activations, at_classifier_input: torch.Tensor,
                    e: float) -> torch.Tensor:
-    """From the relevance at the classifier's input (``B x M x F``, see ``isnet_fast.output``)
+    """From the relevance at the classifier's input (``B x M x F``, see ``isnet_fast.engine.output``)
     through the global average pool.
 
     Returns the map-expanded factor at the last block's post ReLU, B x M x F x 1 x 1.
@@ -260,29 +189,6 @@ def pool_relevance(plan: DenseNetPlan, acts: Activations, at_classifier_input: t
     hw = acts.blocks[-1].post_relu_out.shape[-2] * acts.blocks[-1].post_relu_out.shape[-1]
     factor = at_classifier_input / stabilize(pooled, e).unsqueeze(1) / hw
     return factor[..., None, None]
-
-
-def input_layer_terms(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, conv_out: torch.Tensor, zb: bool):
-    """The input layer's (a conv with its BatchNorm folded) rule: its stabilised denominator's
-    pre-activation ``z``, the weights to transpose (concatenated along the input channels) and
-    the coefficients ``ops.input_rule`` subtracts their extra parts with. The epsilon rule
-    without ``zb``; with it z^B over the pixel bounds ZB_LOW and ZB_HIGH. Shared by the
-    DenseNet's stem and the ResNet's."""
-    scale, shift = batchnorm_fold(bn, conv_out)
-    z = conv_out * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
-    weight = conv.weight * scale.view(-1, 1, 1, 1)
-    weights, coefficients = [weight], []
-    if zb:
-        # z^B: subtract what the pixel bounds would give through the weights' clipped parts
-        ones = torch.ones_like(x[:1])  # in x's memory format
-        for bound, clip in ((ZB_LOW, torch.clamp_min), (ZB_HIGH, torch.clamp_max)):
-            if bound != 0:
-                clipped_weight, clipped_shift = clip(weight, 0), clip(shift, 0)
-                z = z - F.conv2d(ones * bound, clipped_weight, clipped_shift * bound,
-                                 conv.stride, conv.padding, conv.dilation)
-                weights.append(clipped_weight)
-                coefficients.append(bound)
-    return z, weights, coefficients
 
 
 def stem_relevance(plan: DenseNetPlan, acts: Activations, quotient: torch.Tensor, e: float, zb: bool,
@@ -312,7 +218,7 @@ def relevance(plan: DenseNetPlan, acts: Activations, e: float, zb: bool, ops=tor
     """Heatmaps B x M x 3 x H x W from the forward pass's activations.
 
     ``at_classifier_input`` is the relevance at the classifier's input, B x M x F (what the maps
-    explain, ``isnet_fast.output``); by default the original's one map per class.
+    explain, ``isnet_fast.engine.output``); by default the original's one map per class.
     ``overwrite_unpool`` keeps the original's max-pool un-pooling (the last pooled position that
     chose a pixel wins); False sums them, as the LRP rules read (``IsDenseFast(reference_quirks=False)``).
     Without autograd each relevance tensor is dropped as soon as its last consumer has used it,

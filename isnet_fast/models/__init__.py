@@ -1,0 +1,1 @@
+"""The networks: torchvision-layout DenseNet and ResNet with the names and keys the references use."""
