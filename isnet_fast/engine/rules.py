@@ -114,3 +114,45 @@ def input_layer_terms(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, conv
                 weights.append(clipped_weight)
                 coefficients.append(bound)
     return z, weights, coefficients
+
+
+def check_image_batch(x: torch.Tensor, first_conv: nn.Conv2d) -> None:
+    """Raises a ValueError or TypeError that says what is wrong with a batch of images for a
+    network whose first layer is ``first_conv``, and how to fix it (every architecture's input check)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor of images, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"expected a 4-D batch of images (B x 3 x H x W), got a tensor of shape {tuple(x.shape)}; "
+                         "add a batch dimension with x.unsqueeze(0)")
+    if x.shape[0] == 0:
+        raise ValueError(f"the batch is empty (shape {tuple(x.shape)}): B must be at least 1")
+    expected = first_conv.in_channels
+    if x.shape[1] != expected:
+        raise ValueError(f"expected {expected} input channels, got {x.shape[1]} (shape {tuple(x.shape)}); "
+                         "images must be B x C x H x W with C first")
+    if not torch.is_floating_point(x):
+        raise TypeError(f"expected floating-point images, got {x.dtype}; convert with x.float() (scale to [0, 1])")
+    weight = first_conv.weight
+    if x.dtype != weight.dtype and not autocast_to(x.dtype, x.device.type):
+        # The parameters' dtype: under torch.autocast an input of the model's dtype works, and so
+        # does one already of autocast's dtype (which autocast computes in).
+        raise TypeError(f"the images are {x.dtype} but the model's parameters are {weight.dtype}; "
+                        f"convert the images with x.to({weight.dtype}) or the model with model.to({x.dtype})")
+    if x.device != weight.device:
+        raise ValueError(f"the images are on {x.device} but the model is on {weight.device}; "
+                         f"move them with x.to('{weight.device}') or the model with model.to('{x.device}')")
+
+
+def check_finite_images(x: torch.Tensor, wrapper: str) -> None:
+    """Rejects images holding NaN or Inf (one device sync), naming the first bad one: in training
+    their batch statistics would turn every image's outputs, and the BatchNorms' running
+    statistics, into NaN. Left out inside ``torch.compile``, where the host sync would split the
+    graph. ``wrapper`` names the class whose ``check_finite=False`` skips it."""
+    if torch.compiler.is_compiling():
+        return
+    finite = torch.isfinite(x).flatten(1).all(1)
+    if not bool(finite.all()):  # the one sync; the rest only on the error path
+        bad = (~finite).nonzero().flatten()
+        raise ValueError(f"image {int(bad[0])} of the batch holds NaN or Inf pixels ({bad.numel()} of "
+                         f"{x.shape[0]} images do); clean the data, e.g. torch.nan_to_num(x), or drop them "
+                         f"({wrapper}(..., check_finite=False) skips this check)")

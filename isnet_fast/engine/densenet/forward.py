@@ -12,7 +12,7 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from ..rules import autocast_to
+from ..rules import check_finite_images, check_image_batch
 from .plan import DenseNetPlan
 
 
@@ -59,39 +59,13 @@ def check_input(x: torch.Tensor, plan: DenseNetPlan, check_finite: bool = True) 
     running statistics, into NaN. Inside ``torch.compile`` that check is left out: its host sync
     would split the graph.
     """
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"expected a torch.Tensor of images, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"expected a 4-D batch of images (B x 3 x H x W), got a tensor of shape {tuple(x.shape)}; "
-                         "add a batch dimension with x.unsqueeze(0)")
-    if x.shape[0] == 0:
-        raise ValueError(f"the batch is empty (shape {tuple(x.shape)}): B must be at least 1")
-    expected = plan.features.conv0.in_channels
-    if x.shape[1] != expected:
-        raise ValueError(f"expected {expected} input channels, got {x.shape[1]} (shape {tuple(x.shape)}); "
-                         "images must be B x C x H x W with C first")
-    if not torch.is_floating_point(x):
-        raise TypeError(f"expected floating-point images, got {x.dtype}; convert with x.float() (scale to [0, 1])")
-    weight = plan.features.conv0.weight
-    if x.dtype != weight.dtype and not autocast_to(x.dtype, x.device.type):
-        # The parameters' dtype: under torch.autocast an input of the model's dtype works, and so
-        # does one already of autocast's dtype (which autocast computes in).
-        raise TypeError(f"the images are {x.dtype} but the model's parameters are {weight.dtype}; "
-                        f"convert the images with x.to({weight.dtype}) or the model with model.to({x.dtype})")
-    if x.device != weight.device:
-        raise ValueError(f"the images are on {x.device} but the model is on {weight.device}; "
-                         f"move them with x.to('{weight.device}') or the model with model.to('{x.device}')")
+    check_image_batch(x, plan.features.conv0)
     smallest = minimum_input_size(plan)
     if x.shape[-2] < smallest or x.shape[-1] < smallest:
         raise ValueError(f"images of {x.shape[-2]}x{x.shape[-1]} are too small for this DenseNet: every side "
                          f"must be at least {smallest} pixels so that each transition has a pixel left to pool")
-    if check_finite and not torch.compiler.is_compiling():
-        finite = torch.isfinite(x).flatten(1).all(1)
-        if not bool(finite.all()):  # the one sync; the rest only on the error path
-            bad = (~finite).nonzero().flatten()
-            raise ValueError(f"image {int(bad[0])} of the batch holds NaN or Inf pixels ({bad.numel()} of "
-                             f"{x.shape[0]} images do); clean the data, e.g. torch.nan_to_num(x), or drop them "
-                             "(IsDenseFast(..., check_finite=False) skips this check)")
+    if check_finite:
+        check_finite_images(x, "IsDenseFast")
 
 
 def minimum_input_size(plan: DenseNetPlan) -> int:

@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import torch_ops
-from ..rules import autocast_to, batchnorm_fold, conv_transpose, input_layer_terms, is_forward_fold
+from ..rules import (batchnorm_fold, check_finite_images, check_image_batch, conv_transpose, input_layer_terms,
+                     is_forward_fold)
 from .plan import ResidualBlockPlan, ResNetPlan
 from ..torch_ops import merge_batch_and_classes, split_batch_and_classes, stabilize
 
@@ -67,33 +68,9 @@ class ResNetActivations:
 def check_resnet_input(x: torch.Tensor, plan: ResNetPlan, check_finite: bool = True) -> None:
     """Raises a ValueError or TypeError that says what is wrong with the input and how to fix it
     (as ``forward.check_input`` does for the DenseNet)."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"expected a torch.Tensor of images, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"expected a 4-D batch of images (B x 3 x H x W), got a tensor of shape {tuple(x.shape)}; "
-                         "add a batch dimension with x.unsqueeze(0)")
-    if x.shape[0] == 0:
-        raise ValueError(f"the batch is empty (shape {tuple(x.shape)}): B must be at least 1")
-    conv1 = plan.stem.conv
-    if x.shape[1] != conv1.in_channels:
-        raise ValueError(f"expected {conv1.in_channels} input channels, got {x.shape[1]} (shape {tuple(x.shape)}); "
-                         "images must be B x C x H x W with C first")
-    if not torch.is_floating_point(x):
-        raise TypeError(f"expected floating-point images, got {x.dtype}; convert with x.float() (scale to [0, 1])")
-    weight = conv1.weight
-    if x.dtype != weight.dtype and not autocast_to(x.dtype, x.device.type):
-        raise TypeError(f"the images are {x.dtype} but the model's parameters are {weight.dtype}; "
-                        f"convert the images with x.to({weight.dtype}) or the model with model.to({x.dtype})")
-    if x.device != weight.device:
-        raise ValueError(f"the images are on {x.device} but the model is on {weight.device}; "
-                         f"move them with x.to('{weight.device}') or the model with model.to('{x.device}')")
-    if check_finite and not torch.compiler.is_compiling():
-        finite = torch.isfinite(x).flatten(1).all(1)
-        if not bool(finite.all()):  # the one sync; the rest only on the error path
-            bad = (~finite).nonzero().flatten()
-            raise ValueError(f"image {int(bad[0])} of the batch holds NaN or Inf pixels ({bad.numel()} of "
-                             f"{x.shape[0]} images do); clean the data, e.g. torch.nan_to_num(x), or drop them "
-                             "(IsResNetFast(..., check_finite=False) skips this check)")
+    check_image_batch(x, plan.stem.conv)
+    if check_finite:
+        check_finite_images(x, "IsResNetFast")
 
 
 def run_resnet_forward(plan: ResNetPlan, x: torch.Tensor) -> ResNetActivations:
