@@ -158,6 +158,14 @@ def test_non_zero_or_string_padding_is_refused(conv):
     assert_short(caught, "'features.denseblock1.denselayer1.conv2'", "padding")
 
 
+def test_a_dilated_stem_pool_is_refused():
+    net = tiny_densenet()
+    net.features.pool0 = nn.MaxPool2d(3, 2, 1, dilation=2)
+    with pytest.raises(UnsupportedModelError) as caught:
+        IsDenseFast(net)
+    assert_short(caught, "features.pool0", "dilation 1")
+
+
 @pytest.mark.parametrize("thing", [DenseNet, tiny_densenet, "densenet121"], ids=["class", "function", "string"])
 def test_something_that_is_not_a_module_is_refused(thing):
     with pytest.raises(TypeError) as caught:

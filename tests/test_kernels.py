@@ -29,7 +29,7 @@ pytest.importorskip("triton")
 
 from helpers import rel_err  # noqa: E402
 from isnet_fast.engine import torch_ops, triton_ops  # noqa: E402
-from isnet_fast.engine.functions import overwrite_winners  # noqa: E402
+from isnet_fast.engine.functions import overwritten_positions  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = [pytest.param(torch.float32, id="float32"), pytest.param(torch.float64, id="float64")]
@@ -714,9 +714,8 @@ def test_max_unpool_gated_matches_torch_max_unpool2d_with_shared_pixels(case):
     assert rel_err(ours, expected) <= FLOAT64_TOL
     assert rel_err(ours_grad, expected_grad) <= FLOAT64_TOL
     # the overwritten positions do get a gradient: it is not the gradient of the forward's gather
-    winners = overwrite_winners(indices, (height, width))
-    positions = torch.arange(ph * pw).expand(b, ch, ph * pw)
-    losers = (winners.gather(2, indices.flatten(2)) != positions).view(b, 1, ch, ph, pw).expand(b, c, ch, ph, pw)
+    kernel, stride, _ = case.geometry
+    losers = overwritten_positions(indices, kernel, stride).unsqueeze(1).expand(b, c, ch, ph, pw)
     assert losers.any()
     assert (ours_grad.cpu()[losers] != 0).any()
 

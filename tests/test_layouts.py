@@ -9,7 +9,7 @@ import torch
 from helpers import rel_err
 from isnet_fast import DenseNet, IsDenseFast
 from isnet_fast.engine import torch_ops
-from isnet_fast.engine.functions import overwrite_winners
+from isnet_fast.engine.functions import overwritten_positions
 from isnet_fast.engine.densenet.relevance import split_channels
 from isnet_fast.engine.rules import batch_statistics
 
@@ -88,17 +88,79 @@ def test_split_channels_keeps_channels_last_in_the_backward():
     assert torch.equal(grads[0][:, :, 4:7], torch.full_like(grads[0][:, :, 4:7], 2.0))
 
 
-def test_overwrite_winners_is_the_last_pooled_position_in_either_layout():
-    g = torch.Generator().manual_seed(0)
-    values = torch.randn(B, CH, 9, 9, generator=g)
-    _, indices = torch.nn.functional.max_pool2d(values, 3, 2, 1, return_indices=True)  # overlapping windows
-    winners = overwrite_winners(indices, (9, 9))
+UNPOOL_GEOMETRIES = [(3, 2, 1), (2, 2, 0), (3, 1, 1), (4, 2, 1), (5, 2, 2), (5, 3, 2), (2, 1, 0), (7, 3, 3)]
+UNPOOL_IDS = [f"k{k}s{s}p{p}" for k, s, p in UNPOOL_GEOMETRIES]
+
+
+def overwritten_by_raster_order(indices: torch.Tensor) -> torch.Tensor:
+    """The slow way: walk the pooled positions in raster order, remembering each pixel's last chooser."""
     flat = indices.flatten(2)
-    expected = torch.full((B, CH, 81), -1, dtype=torch.long)
-    for position in range(flat.shape[-1]):  # raster order: later positions overwrite
-        expected.scatter_(2, flat[:, :, position:position + 1], position)
-    assert torch.equal(winners, expected)
-    assert torch.equal(overwrite_winners(indices.contiguous(memory_format=torch.channels_last), (9, 9)), expected)
+    last_chooser = {}
+    for b in range(flat.shape[0]):
+        for ch in range(flat.shape[1]):
+            for position, pixel in enumerate(flat[b, ch].tolist()):
+                last_chooser[b, ch, pixel] = position
+    overwritten = torch.zeros(flat.shape, dtype=torch.bool)
+    for b in range(flat.shape[0]):
+        for ch in range(flat.shape[1]):
+            for position, pixel in enumerate(flat[b, ch].tolist()):
+                overwritten[b, ch, position] = last_chooser[b, ch, pixel] != position
+    return overwritten.view(indices.shape)
+
+
+@pytest.mark.parametrize("data", ["ties", "constant", "random"])
+@pytest.mark.parametrize("geometry", UNPOOL_GEOMETRIES, ids=UNPOOL_IDS)
+def test_overwritten_positions_are_those_a_later_position_overwrites(geometry, data):
+    g = torch.Generator().manual_seed(0)
+    values = {"ties": torch.randint(0, 2, (B, CH, 11, 9), generator=g).double(),
+              "constant": torch.zeros(B, CH, 11, 9, dtype=torch.float64),
+              "random": torch.randn(B, CH, 11, 9, generator=g, dtype=torch.float64)}[data]
+    kernel, stride, padding = geometry
+    _, indices = torch.nn.functional.max_pool2d(values, kernel, stride, padding, return_indices=True)
+    expected = overwritten_by_raster_order(indices)
+    if data == "ties" and stride < kernel:
+        assert expected.any()  # overlapping windows and ties: some positions are overwritten
+    assert torch.equal(overwritten_positions(indices, kernel, stride), expected)
+    as_channels_last = indices.contiguous(memory_format=torch.channels_last)
+    assert torch.equal(overwritten_positions(as_channels_last, kernel, stride), expected)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("geometry", UNPOOL_GEOMETRIES, ids=UNPOOL_IDS)
+def test_overwriting_unpool_is_torchs_max_unpool2d_and_its_gradient_a_gather(geometry, layout):
+    """Forward: CPU ``F.max_unpool2d`` (the last pooled position in raster order wins a shared
+    pixel) times the gate; backward: autograd of ``max_unpool2d``, a gather at every pooled
+    position, overwritten or not."""
+    g = torch.Generator().manual_seed(1)
+    kernel, stride, padding = geometry
+    height, width = 11, 9
+    values = torch.randint(0, 2, (B, CH, height, width), generator=g).double()
+    _, indices = torch.nn.functional.max_pool2d(values, kernel, stride, padding, return_indices=True)
+    ph, pw = indices.shape[-2:]
+    act = torch.rand(B, CH, height, width, generator=g, dtype=torch.float64)
+    z = torch.randn(B, CH, height, width, generator=g, dtype=torch.float64)
+    rel = torch.randn(B, C, CH, ph, pw, generator=g, dtype=torch.float64)
+    cotangent = torch.randn(B, C, CH, height, width, generator=g, dtype=torch.float64)
+    gate = (act / torch_ops.stabilize(z, 0.01)).unsqueeze(1)
+
+    expected_rel = rel.clone().requires_grad_()
+    unpooled = torch.nn.functional.max_unpool2d(expected_rel.reshape(B * C, CH, ph, pw),
+                                                indices.repeat_interleave(C, dim=0), kernel, stride, padding,
+                                                output_size=(height, width))
+    expected = unpooled.view(B, C, CH, height, width) * gate
+    (expected_grad,) = torch.autograd.grad(expected, expected_rel, cotangent)
+
+    layout_fn = to_channels_last if layout == "channels_last" else (lambda t: t)
+    ours_rel = layout_fn(rel).requires_grad_()
+    ours = torch_ops.max_unpool_gated(ours_rel, layout_fn(indices), layout_fn(act), layout_fn(z), 0.01, kernel,
+                                      stride, padding, overwrite=True)
+    (ours_grad,) = torch.autograd.grad(ours, ours_rel, cotangent)
+    assert rel_err(ours, expected) <= 1e-15
+    assert rel_err(ours_grad, expected_grad) <= 1e-15
+    with torch.no_grad():  # the in-place path
+        assert rel_err(torch_ops.max_unpool_gated(rel, indices, act, z, 0.01, kernel, stride, padding), expected) <= 1e-15
+    if layout == "channels_last":
+        assert channels_innermost(ours) and channels_innermost(ours_grad)
 
 
 @pytest.mark.parametrize("shape", [(2, 5, 6, 7), (3, 1, 1, 4)], ids=["2x5x6x7", "3x1x1x4"])

@@ -454,6 +454,10 @@ def with_a_stage_entry_that_is_no_block(net):
     net.layer2 = nn.Sequential(nn.ReLU())
 
 
+def with_a_dilated_maxpool(net):
+    net.maxpool = nn.MaxPool2d(3, 2, 1, dilation=2)
+
+
 @pytest.mark.parametrize("change, words", [
     (with_in_place_relu, "'layer2.0.relu' is an in-place ReLU"),
     (without_downsample, "'layer2.0' changes the shape (4 to 6 channels, strided) but has no downsample"),
@@ -463,6 +467,7 @@ def with_a_stage_entry_that_is_no_block(net):
     (without_avgpool, "no module 'avgpool'"),
     (with_conv_bias, "'layer1.0.conv2' has a bias"),
     (with_a_stage_entry_that_is_no_block, "'layer2.0' is a ReLU(), not a residual block"),
+    (with_a_dilated_maxpool, "'maxpool' must have dilation 1"),
 ], ids=lambda v: getattr(v, "__name__", None))
 def test_unreadable_model_is_refused_naming_the_module(change, words):
     net = random_net("basic", (1, 1), (4, 6))

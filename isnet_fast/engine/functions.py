@@ -10,21 +10,6 @@ def _pixels_last(t: torch.Tensor) -> torch.Tensor:
     return t.movedim(-3, -1).flatten(-3, -2)
 
 
-def overwrite_winners(indices: torch.Tensor, input_hw: tuple) -> torch.Tensor:
-    """For each input pixel, the last pooled position (raster order) that chose it, or -1.
-
-    ``max_unpool2d`` on the CPU writes pooled positions in raster order, so where several chose
-    the same pixel the last one wins; the original's heatmaps depend on it. Taking the largest
-    position with ``amax`` gives that winner deterministically, on any device.
-    """
-    batch, channels, pooled_h, pooled_w = indices.shape
-    # Scattered with the channels last, the layout the un-pooling gathers in (see _gather_pixels).
-    flat_indices = _pixels_last(indices)
-    positions = torch.arange(pooled_h * pooled_w, device=indices.device).view(1, -1, 1).expand_as(flat_indices)
-    winners = torch.full((batch, input_hw[0] * input_hw[1], channels), -1, dtype=torch.long, device=indices.device)
-    return winners.scatter_reduce_(1, flat_indices, positions, reduce="amax").transpose(1, 2)
-
-
 def _gather_pixels(source: torch.Tensor, pixel_index: torch.Tensor, classes: int) -> torch.Tensor:
     """``out[b, c, p, ch] = source[b, c, pixel_index[b, ch, p], ch]``, on pixels-last views.
 
@@ -35,20 +20,54 @@ def _gather_pixels(source: torch.Tensor, pixel_index: torch.Tensor, classes: int
     return source.gather(2, index)
 
 
+def overwritten_positions(indices: torch.Tensor, kernel_size: int, stride: int) -> torch.Tensor:
+    """Which pooled positions the original's un-pooling overwrites: those whose chosen pixel a
+    later pooled position (raster order) chose too. Bool, the shape of ``indices``.
+
+    Only positions whose windows overlap can share a pixel (``kernel_size`` and ``stride`` of a
+    square pool, dilation 1), so a few shifted comparisons at the pooled resolution say it all;
+    no full-size index tensor.
+    """
+    height, width = indices.shape[-2:]
+    reach = -(-kernel_size // stride) - 1  # how many positions apart two windows can still overlap
+    overwritten = torch.zeros(indices.shape, dtype=torch.bool, device=indices.device)
+    for down in range(reach + 1):
+        for across in range(-reach, reach + 1):
+            if (down, across) <= (0, 0) or down >= height or abs(across) >= width:
+                continue  # not later in raster order, or off the map
+            first, last = max(0, -across), width - max(0, across)
+            earlier = indices[..., :height - down, first:last]
+            later = indices[..., down:, first + across:last + across]
+            overwritten[..., :height - down, first:last] |= earlier == later
+    return overwritten
+
+
+def max_unpool_sum_pixels(relevance: torch.Tensor, indices: torch.Tensor, input_hw: tuple) -> torch.Tensor:
+    """Adds each pooled position's relevance (``B x C x ch x h x w``) into the pixel it chose,
+    with the channels last; ``B x C x (H W) x ch``. Deterministic on the CPU."""
+    batch, classes, channels = relevance.shape[:3]
+    pooled = _pixels_last(relevance)
+    chosen = _pixels_last(indices).unsqueeze(1).expand_as(pooled)
+    out = pooled.new_zeros(batch, classes, input_hw[0] * input_hw[1], channels)
+    return out.scatter_add_(2, chosen, pooled)
+
+
 class MaxUnpoolOverwrite(torch.autograd.Function):
     """Un-pools relevance ``B x C x ch x h x w`` to the pool's input size, classes broadcast.
 
-    Forward: each input pixel takes the relevance of its winner (see ``overwrite_winners``).
+    Forward: each input pixel takes the relevance of the last pooled position (raster order) that
+    chose it, as the original's CPU ``max_unpool2d`` leaves it: the overwritten positions' values
+    are zeroed (``overwritten_positions``) and the rest summed into their pixels, one each.
     Backward: every pooled position gets the gradient at the pixel it chose, overwritten or not,
     which is what autograd gives the original's ``max_unpool2d`` (a gather).
-    Both gather with the channels last, so channels_last tensors stay so.
+    Both work with the channels last, so channels_last tensors stay so.
     """
 
     @staticmethod
-    def forward(ctx, relevance, indices, winners, input_hw):
+    def forward(ctx, relevance, indices, input_hw, kernel_size, stride):
         batch, classes, channels, pooled_h, pooled_w = relevance.shape
-        out = _gather_pixels(_pixels_last(relevance), winners.clamp(min=0), classes)
-        out = out.masked_fill_((winners < 0).transpose(1, 2).unsqueeze(1), 0)  # pixels no pooled position chose
+        survivors = relevance.masked_fill(overwritten_positions(indices, kernel_size, stride).unsqueeze(1), 0)
+        out = max_unpool_sum_pixels(survivors, indices, input_hw)
         ctx.save_for_backward(indices)
         ctx.pooled_hw = (pooled_h, pooled_w)
         return out.view(batch, classes, *input_hw, channels).movedim(-1, -3)
@@ -59,8 +78,86 @@ class MaxUnpoolOverwrite(torch.autograd.Function):
         batch, classes, channels = grad_out.shape[:3]
         flat_indices = indices.reshape(batch, channels, -1)
         grad = _gather_pixels(_pixels_last(grad_out), flat_indices, classes)
-        return grad.view(batch, classes, *ctx.pooled_hw, channels).movedim(-1, -3), None, None, None
+        return grad.view(batch, classes, *ctx.pooled_hw, channels).movedim(-1, -3), None, None, None, None
 
 
-def max_unpool_overwrite(relevance, indices, winners, input_hw):
-    return MaxUnpoolOverwrite.apply(relevance, indices, winners, tuple(input_hw))
+def max_unpool_overwrite(relevance, indices, input_hw, kernel_size, stride):
+    return MaxUnpoolOverwrite.apply(relevance, indices, tuple(input_hw), kernel_size, stride)
+
+
+# ---------------------------------------------------------------------------------------------
+# The epsilon step under autograd, with its gradient written out: the generic graph of the
+# formula's dozen elementwise ops keeps as many temporaries and takes about twice the passes
+# over memory in backward. Shapes and layouts as in ``torch_ops`` (channels-last views inside).
+# ---------------------------------------------------------------------------------------------
+
+def _channels_last_view(t: torch.Tensor) -> torch.Tensor:
+    return t.movedim(-3, -1)
+
+
+def _channels_first_view(t: torch.Tensor) -> torch.Tensor:
+    return t.movedim(-1, -3)
+
+
+def stabilized(z: torch.Tensor, e: float) -> torch.Tensor:
+    """z + e * sign(z) (sign(0) = +1) in a new tensor, in the operations' order of ``torch_ops.stabilize``."""
+    return (z >= 0).to(z.dtype).mul_(2 * e).sub_(e).add_(z)
+
+
+def _map_sum_of_products(grad: torch.Tensor, rel: torch.Tensor) -> torch.Tensor:
+    """sum over the maps (dim 1) of grad * rel, on channels-last views: one pass per map into a
+    per-image tensor, never a map-sized temporary."""
+    total = grad[:, 0] * rel[:, 0]
+    for m in range(1, grad.shape[1]):
+        total.addcmul_(grad[:, m], rel[:, m])
+    return total
+
+
+def _channel_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over all but the last (channel) dimension of a channels-last view."""
+    return t.sum(dim=tuple(range(t.dim() - 1)))
+
+
+class GatedProduct(torch.autograd.Function):
+    """``rel * act * scale / stab(pre * scale + shift)`` (without a fold ``rel * act / stab(pre)``),
+    the gate broadcast over the maps; see ``torch_ops.gated_product``. Forward computes what the
+    formula's ops compute, in the same order; it saves the gate and its denominator for backward."""
+
+    @staticmethod
+    def forward(ctx, rel, act, pre, scale, shift, e):
+        act_v, pre_v = _channels_last_view(act), _channels_last_view(pre)
+        if scale is None:
+            denominator = stabilized(pre_v, e)
+            gate = act_v / denominator
+        else:
+            denominator = stabilized(pre_v * scale + shift, e)
+            gate = (act_v * scale).div_(denominator)
+        ctx.save_for_backward(rel, act, pre, scale, gate, denominator)
+        return _channels_first_view(_channels_last_view(rel) * gate.unsqueeze(1))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        rel, act, pre, scale, gate, denominator = ctx.saved_tensors
+        grad_out_v = _channels_last_view(grad_out)
+        grad_rel = grad_act = grad_pre = grad_scale = grad_shift = None
+        if ctx.needs_input_grad[0]:
+            grad_rel = _channels_first_view(grad_out_v * gate.unsqueeze(1))
+        if any(ctx.needs_input_grad[1:5]):
+            # q = dL/dgate / den; the denominator's gradient is -q * gate, the pre-activation's
+            # that times the fold's scale
+            q = _map_sum_of_products(grad_out_v, _channels_last_view(rel)).div_(denominator)
+            through_denominator = q * gate
+            if scale is None:
+                grad_act = q
+                grad_pre = through_denominator.neg_()
+            else:
+                act_v, pre_v = _channels_last_view(act), _channels_last_view(pre)
+                if ctx.needs_input_grad[3]:
+                    grad_scale = _channel_sum(q * act_v - through_denominator * pre_v)
+                if ctx.needs_input_grad[4]:
+                    grad_shift = _channel_sum(through_denominator).neg_()
+                grad_act = q.mul_(scale) if ctx.needs_input_grad[1] else None
+                grad_pre = through_denominator.mul_(scale).neg_() if ctx.needs_input_grad[2] else None
+            grad_act = None if grad_act is None or not ctx.needs_input_grad[1] else _channels_first_view(grad_act)
+            grad_pre = None if grad_pre is None or not ctx.needs_input_grad[2] else _channels_first_view(grad_pre)
+        return grad_rel, grad_act, grad_pre, grad_scale, grad_shift, None

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .functions import max_unpool_overwrite, overwrite_winners
+from .functions import max_unpool_overwrite, max_unpool_sum_pixels
 
 
 def stabilize(z: torch.Tensor, e: float) -> torch.Tensor:
@@ -151,25 +151,25 @@ def max_unpool_sum(rel, indices, input_hw):
     Deterministic on the CPU; on CUDA torch's scatter-add sums with atomics, in no fixed order.
     """
     batch, classes, channels = rel.shape[:3]
-    height, width = input_hw
-    pooled = channels_last_view(rel).flatten(-3, -2)  # B x C x (h w) x ch
-    chosen = channels_last_view(indices).flatten(-3, -2).unsqueeze(1).expand_as(pooled)
-    unpooled = pooled.new_zeros(batch, classes, height * width, channels).scatter_add(2, chosen, pooled)
-    return channels_first_view(unpooled.view(batch, classes, height, width, channels))
+    unpooled = max_unpool_sum_pixels(rel, indices, input_hw)
+    return channels_first_view(unpooled.view(batch, classes, *input_hw, channels))
 
 
 def max_unpool_gated(rel, indices, act, z, e, kernel_size, stride, padding, overwrite=True):
     """Un-pools rel, times act / stab(z): with ``overwrite`` by the original's rule (where several
     pooled positions chose a pixel the last one in raster order wins, see
-    ``functions.overwrite_winners``), else summing them (``max_unpool_sum``). The pool's
-    geometry is not needed here (the indices say it all); the Triton kernels take it."""
+    ``functions.MaxUnpoolOverwrite``), else summing them (``max_unpool_sum``). The square pool's
+    ``kernel_size`` and ``stride`` (dilation 1) say which positions can share a pixel; ``padding``
+    is not needed (the indices are the input's)."""
     input_hw = tuple(act.shape[-2:])
     if overwrite:
-        unpooled = max_unpool_overwrite(rel, indices, overwrite_winners(indices, input_hw), input_hw)
+        unpooled = max_unpool_overwrite(rel, indices, input_hw, kernel_size, stride)
     else:
         unpooled = max_unpool_sum(rel, indices, input_hw)
-    gate = channels_last_view(act) / stabilize(channels_last_view(z), e)
-    return channels_first_view(channels_last_view(unpooled) * gate.unsqueeze(1))
+    gate = _gate(channels_last_view(act), channels_last_view(z), None, None, e).unsqueeze(1)
+    if _records_graph(unpooled, gate):
+        return channels_first_view(channels_last_view(unpooled) * gate)
+    return channels_first_view(channels_last_view(unpooled).mul_(gate))  # a fresh tensor: in place
 
 
 def input_rule(back, x, coefficients=()):

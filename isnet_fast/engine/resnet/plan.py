@@ -179,6 +179,9 @@ def build_resnet_plan(model: nn.Module) -> ResNetPlan:
         pair = nn.modules.utils._pair(getattr(maxpool, what))
         if pair[0] != pair[1]:
             raise UnsupportedModelError(f"'maxpool' must have a square {what}, got {pair}")
+    if nn.modules.utils._pair(maxpool.dilation) != (1, 1):
+        raise UnsupportedModelError(f"'maxpool' must have dilation 1 (its un-pooling reads undilated windows), "
+                                    f"got {maxpool.dilation}")
     if bn1.num_features != conv1.out_channels:
         raise UnsupportedModelError(f"'bn1' normalises {bn1.num_features} channels, but 'conv1' makes "
                                     f"{conv1.out_channels}")
