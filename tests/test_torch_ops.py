@@ -62,3 +62,25 @@ def test_no_grad_gate_is_bitwise_the_autograd_gate():
         fast = torch_ops.gated_product(rel, act, pre, scale, shift, 0.01)
     slow = torch_ops.gated_product(rel, act, pre.requires_grad_(), scale, shift, 0.01)
     assert torch.equal(fast, slow.detach())
+
+
+def test_no_grad_forward_computes_relus_in_place_but_calls_hooked_ones():
+    """Without autograd the forward applies a BatchNorm's ReLU in place on its output (one
+    allocation fewer per layer); a ReLU module with a hook is still called, and the numbers are
+    the same either way, and the same as under autograd."""
+    from isnet_fast import DenseNet, IsDenseFast
+
+    torch.manual_seed(0)
+    net = DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8, bn_size=2, num_classes=3).double()
+    model = IsDenseFast(net).eval()
+    x = torch.rand(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        y, heatmaps = model(x)
+    calls = []
+    net.features.denseblock1.denselayer1.relu1.register_forward_hook(lambda *args: calls.append(1))
+    with torch.no_grad():
+        y_hooked, heatmaps_hooked = model(x)
+    assert calls == [1]
+    assert torch.equal(y, y_hooked) and torch.equal(heatmaps, heatmaps_hooked)
+    y_grad, heatmaps_grad = model(x.clone().requires_grad_())
+    assert rel_err(y_grad, y) <= 1e-14 and rel_err(heatmaps_grad, heatmaps) <= 1e-12

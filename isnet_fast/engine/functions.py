@@ -5,6 +5,16 @@ from __future__ import annotations
 import torch
 
 
+def channels_last_view(t: torch.Tensor) -> torch.Tensor:
+    """``... x ch x H x W`` -> ``... x H x W x ch`` (a view)."""
+    return t.movedim(-3, -1)
+
+
+def channels_first_view(t: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``channels_last_view``."""
+    return t.movedim(-1, -3)
+
+
 def _pixels_last(t: torch.Tensor) -> torch.Tensor:
     """``... x ch x H x W`` -> ``... x (H W) x ch``, a view for channels_last tensors."""
     return t.movedim(-3, -1).flatten(-3, -2)
@@ -91,14 +101,6 @@ def max_unpool_overwrite(relevance, indices, input_hw, kernel_size, stride):
 # over memory in backward. Shapes and layouts as in ``torch_ops`` (channels-last views inside).
 # ---------------------------------------------------------------------------------------------
 
-def _channels_last_view(t: torch.Tensor) -> torch.Tensor:
-    return t.movedim(-3, -1)
-
-
-def _channels_first_view(t: torch.Tensor) -> torch.Tensor:
-    return t.movedim(-1, -3)
-
-
 def stabilized(z: torch.Tensor, e: float) -> torch.Tensor:
     """z + e * sign(z) (sign(0) = +1) in a new tensor, in the operations' order of ``torch_ops.stabilize``."""
     return (z >= 0).to(z.dtype).mul_(2 * e).sub_(e).add_(z)
@@ -125,7 +127,7 @@ class GatedProduct(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rel, act, pre, scale, shift, e):
-        act_v, pre_v = _channels_last_view(act), _channels_last_view(pre)
+        act_v, pre_v = channels_last_view(act), channels_last_view(pre)
         if scale is None:
             denominator = stabilized(pre_v, e)
             gate = act_v / denominator
@@ -133,31 +135,106 @@ class GatedProduct(torch.autograd.Function):
             denominator = stabilized(pre_v * scale + shift, e)
             gate = (act_v * scale).div_(denominator)
         ctx.save_for_backward(rel, act, pre, scale, gate, denominator)
-        return _channels_first_view(_channels_last_view(rel) * gate.unsqueeze(1))
+        return channels_first_view(channels_last_view(rel) * gate.unsqueeze(1))
 
     @staticmethod
     def backward(ctx, grad_out):
         rel, act, pre, scale, gate, denominator = ctx.saved_tensors
-        grad_out_v = _channels_last_view(grad_out)
+        grad_out_v = channels_last_view(grad_out)
         grad_rel = grad_act = grad_pre = grad_scale = grad_shift = None
         if ctx.needs_input_grad[0]:
-            grad_rel = _channels_first_view(grad_out_v * gate.unsqueeze(1))
+            grad_rel = channels_first_view(grad_out_v * gate.unsqueeze(1))
         if any(ctx.needs_input_grad[1:5]):
             # q = dL/dgate / den; the denominator's gradient is -q * gate, the pre-activation's
             # that times the fold's scale
-            q = _map_sum_of_products(grad_out_v, _channels_last_view(rel)).div_(denominator)
+            q = _map_sum_of_products(grad_out_v, channels_last_view(rel)).div_(denominator)
             through_denominator = q * gate
             if scale is None:
                 grad_act = q
                 grad_pre = through_denominator.neg_()
             else:
-                act_v, pre_v = _channels_last_view(act), _channels_last_view(pre)
+                act_v, pre_v = channels_last_view(act), channels_last_view(pre)
                 if ctx.needs_input_grad[3]:
                     grad_scale = _channel_sum(q * act_v - through_denominator * pre_v)
                 if ctx.needs_input_grad[4]:
                     grad_shift = _channel_sum(through_denominator).neg_()
                 grad_act = q.mul_(scale) if ctx.needs_input_grad[1] else None
                 grad_pre = through_denominator.mul_(scale).neg_() if ctx.needs_input_grad[2] else None
-            grad_act = None if grad_act is None or not ctx.needs_input_grad[1] else _channels_first_view(grad_act)
-            grad_pre = None if grad_pre is None or not ctx.needs_input_grad[2] else _channels_first_view(grad_pre)
+            grad_act = None if grad_act is None or not ctx.needs_input_grad[1] else channels_first_view(grad_act)
+            grad_pre = None if grad_pre is None or not ctx.needs_input_grad[2] else channels_first_view(grad_pre)
         return grad_rel, grad_act, grad_pre, grad_scale, grad_shift, None
+
+
+class ResidualSplitGated(torch.autograd.Function):
+    """``rel * out * part / stab(total) * scale / stab(pre * scale + shift)``, the gate broadcast over
+    the maps; see ``torch_ops.residual_split_gated``. Forward runs the formula's ops in their order;
+    it saves the gate and both denominators for backward."""
+
+    @staticmethod
+    def forward(ctx, rel, out, total, part, pre, scale, shift, e):
+        out_v, total_v, part_v, pre_v = (channels_last_view(t) for t in (out, total, part, pre))
+        share_denominator = stabilized(total_v, e)
+        fold_denominator = stabilized(pre_v * scale + shift, e)
+        gate = (out_v * part_v).div_(share_denominator).mul_(scale).div_(fold_denominator)
+        ctx.save_for_backward(rel, out, part, pre, scale, gate, share_denominator, fold_denominator)
+        return channels_first_view(channels_last_view(rel) * gate.unsqueeze(1))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        rel, out, part, pre, scale, gate, share_denominator, fold_denominator = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        grad_out_v = channels_last_view(grad_out)
+        grads = [None] * 8
+        if needs[0]:
+            grads[0] = channels_first_view(grad_out_v * gate.unsqueeze(1))
+        if not any(needs[1:7]):
+            return tuple(grads)
+        out_v, part_v, pre_v = (channels_last_view(t) for t in (out, part, pre))
+        grad_gate = _map_sum_of_products(grad_out_v, channels_last_view(rel))
+        # the gate is out * part * scale / (d1 d2): over each denominator d its gradient is
+        # -grad_gate * gate / d; over out, part and the direct scale u * (the other two)
+        through_denominators = grad_gate * gate
+        per_unit = grad_gate.div_(share_denominator).div_(fold_denominator)
+        if needs[2]:
+            grads[2] = channels_first_view(through_denominators / share_denominator).neg_()
+        through_fold = through_denominators.div_(fold_denominator)
+        if needs[1]:
+            grads[1] = channels_first_view((per_unit * part_v).mul_(scale))
+        times_out = per_unit.mul_(out_v)
+        if needs[5]:
+            grads[5] = _channel_sum(times_out * part_v) - _channel_sum(through_fold * pre_v)
+        if needs[3]:
+            grads[3] = channels_first_view(times_out.mul_(scale))
+        if needs[6]:
+            grads[6] = _channel_sum(through_fold).neg_()
+        if needs[4]:
+            grads[4] = channels_first_view(through_fold.mul_(scale).neg_())
+        return tuple(grads)
+
+
+class ResidualShortcutAdd(torch.autograd.Function):
+    """``back + rel * out / stab(total)``, the gate broadcast over the maps; see
+    ``torch_ops.residual_shortcut_add``. Saves the gate and its denominator for backward."""
+
+    @staticmethod
+    def forward(ctx, back, rel, out, total, e):
+        denominator = stabilized(channels_last_view(total), e)
+        gate = channels_last_view(out) / denominator
+        ctx.save_for_backward(rel, gate, denominator)
+        return channels_first_view(channels_last_view(back) + channels_last_view(rel) * gate.unsqueeze(1))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        rel, gate, denominator = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        grad_out_v = channels_last_view(grad_out)
+        grad_back = grad_out if needs[0] else None
+        grad_rel = channels_first_view(grad_out_v * gate.unsqueeze(1)) if needs[1] else None
+        grad_out_act = grad_total = None
+        if needs[2] or needs[3]:
+            per_unit = _map_sum_of_products(grad_out_v, channels_last_view(rel)).div_(denominator)
+            if needs[3]:
+                grad_total = channels_first_view(per_unit * gate).neg_()
+            if needs[2]:
+                grad_out_act = channels_first_view(per_unit)
+        return grad_back, grad_rel, grad_out_act, grad_total, None

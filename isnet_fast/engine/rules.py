@@ -116,6 +116,15 @@ def input_layer_terms(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, conv
     return z, weights, coefficients
 
 
+def relu_of_fresh(relu: nn.ReLU, normalised: torch.Tensor) -> torch.Tensor:
+    """``relu(normalised)`` for a BatchNorm's output that nothing else reads. Without autograd
+    (and without hooks on the module) it is computed in place: one allocation fewer per layer,
+    and fresh memory costs the CPU page faults."""
+    if torch.is_grad_enabled() or relu._forward_hooks or relu._forward_pre_hooks:
+        return relu(normalised)
+    return torch.relu_(normalised)
+
+
 def check_image_batch(x: torch.Tensor, first_conv: nn.Conv2d) -> None:
     """Raises a ValueError or TypeError that says what is wrong with a batch of images for a
     network whose first layer is ``first_conv``, and how to fix it (every architecture's input check)."""

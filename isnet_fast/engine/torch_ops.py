@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .functions import max_unpool_overwrite, max_unpool_sum_pixels
+from .functions import (GatedProduct, ResidualShortcutAdd, ResidualSplitGated, channels_first_view, channels_last_view,
+                        max_unpool_overwrite, max_unpool_sum_pixels, stabilized)
 
 
 def stabilize(z: torch.Tensor, e: float) -> torch.Tensor:
@@ -24,16 +25,6 @@ def stabilize(z: torch.Tensor, e: float) -> torch.Tensor:
     # The sign term is a constant for autograd: adding it keeps the backward a pass-through.
     sign = (z.detach() >= 0).to(z.dtype) * (2 * e) - e
     return z + sign
-
-
-def channels_last_view(t: torch.Tensor) -> torch.Tensor:
-    """``... x ch x H x W`` -> ``... x H x W x ch`` (a view)."""
-    return t.movedim(-3, -1)
-
-
-def channels_first_view(t: torch.Tensor) -> torch.Tensor:
-    """The inverse of ``channels_last_view``."""
-    return t.movedim(-1, -3)
 
 
 def merge_batch_and_classes(t: torch.Tensor) -> torch.Tensor:
@@ -65,11 +56,6 @@ def _records_graph(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _stabilize_into_sign(z: torch.Tensor, e: float) -> torch.Tensor:
-    """``stabilize(z, e)`` in a new tensor built in place: the same operations, two allocations."""
-    return (z >= 0).to(z.dtype).mul_(2 * e).sub_(e).add_(z)
-
-
 def _gate(act, pre, scale, shift, e):
     """On channels-last views: act * scale / stab(pre * scale + shift); without a fold, act / stab(pre)."""
     if _records_graph(act, pre, scale, shift):
@@ -79,10 +65,10 @@ def _gate(act, pre, scale, shift, e):
     # Without autograd the same operations in the same order, in place on temporaries: a third of
     # the allocations (and of the page faults on fresh memory, a large part of this step on the CPU).
     if scale is None:
-        denominator = _stabilize_into_sign(pre, e)
+        denominator = stabilized(pre, e)
         return torch.div(act, denominator, out=denominator)
     z = (pre * scale).add_(shift)
-    denominator = _stabilize_into_sign(z, e)
+    denominator = stabilized(z, e)
     return torch.mul(act, scale, out=z).div_(denominator)
 
 
@@ -110,6 +96,8 @@ def gated_product(rel, act, pre, scale, shift, e, act_is_relu=False):
     With autograd the full formula runs, so the gradients are the original's (its fold's shift,
     unlike the BatchNorm's, is detached).
     """
+    if _records_graph(rel, act, pre, scale, shift) and _one_dtype(rel, act, pre, scale, shift):
+        return GatedProduct.apply(rel, act, pre, scale, shift, e)  # the same numbers, a leaner backward
     product = channels_last_view(rel) * _gate_for(act, pre, scale, shift, e, act_is_relu).unsqueeze(1)
     return channels_first_view(product)
 
@@ -192,13 +180,13 @@ def input_rule(back, x, coefficients=()):
 
 def _one_dtype(*tensors) -> bool:
     """Whether in-place steps keep the dtype the formula's type promotion gives."""
-    return len({t.dtype for t in tensors}) == 1
+    return len({t.dtype for t in tensors if t is not None}) == 1
 
 
 def _share_denominator(out, total, e, out_is_relu):
     """stab(total) in a new tensor, without autograd; from ``out`` alone when out = relu(total):
     out + e equals total + e where total > 0, and where total <= 0 out = 0 zeroes the share either way."""
-    return out + e if out_is_relu else _stabilize_into_sign(total, e)
+    return out + e if out_is_relu else stabilized(total, e)
 
 
 def residual_split_gated(rel, out, total, part, pre, scale, shift, e, out_is_relu=False, part_is_fold=False):
@@ -212,12 +200,14 @@ def residual_split_gated(rel, out, total, part, pre, scale, shift, e, out_is_rel
     without reading ``total``; ``part_is_fold`` (an eval-mode BatchNorm: part is pre * scale +
     shift up to rounding) divides by stab(part) instead, without reading ``pre`` or ``shift``.
     """
+    if _records_graph(rel, out, total, part, pre, scale, shift) and _one_dtype(rel, out, total, part, pre, scale, shift):
+        return ResidualSplitGated.apply(rel, out, total, part, pre, scale, shift, e)  # a leaner backward
     out, total, part, pre = (channels_last_view(t) for t in (out, total, part, pre))
     if _records_graph(rel, out, total, part, pre, scale, shift) or not _one_dtype(out, total, part, pre, scale, shift):
         gate = out * part / stabilize(total, e) * scale / stabilize(pre * scale + shift, e)
     else:  # the same operations in the same order, in place on temporaries
         gate = (out * part).div_(_share_denominator(out, total, e, out_is_relu)).mul_(scale)
-        gate.div_(_stabilize_into_sign(part if part_is_fold else (pre * scale).add_(shift), e))
+        gate.div_(stabilized(part if part_is_fold else (pre * scale).add_(shift), e))
     return channels_first_view(channels_last_view(rel) * gate.unsqueeze(1))
 
 
@@ -226,6 +216,8 @@ def residual_shortcut_add(back, rel, out, total, e, out_is_relu=False):
     ``back + rel * out / stab(total)`` (the shortcut is the block input itself, so its share of
     ``out * rel``, divided by that input, is ``rel * out / stab(total)``). ``out_is_relu`` as in
     ``residual_split_gated``."""
+    if _records_graph(back, rel, out, total) and _one_dtype(back, rel, out, total):
+        return ResidualShortcutAdd.apply(back, rel, out, total, e)  # a leaner backward
     out, total = channels_last_view(out), channels_last_view(total)
     if _records_graph(back, rel, out, total) or not _one_dtype(back, rel, out, total):
         gate = out / stabilize(total, e)

@@ -12,7 +12,7 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from ..rules import check_finite_images, check_image_batch
+from ..rules import check_finite_images, check_image_batch, relu_of_fresh
 from .plan import DenseNetPlan
 
 
@@ -84,7 +84,7 @@ def minimum_input_size(plan: DenseNetPlan) -> int:
 def run_forward(plan: DenseNetPlan, x: torch.Tensor) -> Activations:
     f = plan.features
     conv0_out = f.conv0(x)
-    relu0_out = f.relu0(f.norm0(conv0_out))
+    relu0_out = relu_of_fresh(f.relu0, f.norm0(conv0_out))
     pool = f.pool0
     features, pool0_indices = F.max_pool2d(relu0_out, pool.kernel_size, pool.stride, pool.padding,
                                            pool.dilation, ceil_mode=pool.ceil_mode, return_indices=True)
@@ -99,9 +99,9 @@ def run_forward(plan: DenseNetPlan, x: torch.Tensor) -> Activations:
                                  "(like the original's) assumes no dropout inside dense blocks; build the DenseNet "
                                  "with drop_rate=0 (dropout before the classifier is supported)")
             norm1_in = torch.cat(concatenated, 1)
-            relu1_out = layer.relu1(layer.norm1(norm1_in))
+            relu1_out = relu_of_fresh(layer.relu1, layer.norm1(norm1_in))
             conv1_out = layer.conv1(relu1_out)
-            relu2_out = layer.relu2(layer.norm2(conv1_out))
+            relu2_out = relu_of_fresh(layer.relu2, layer.norm2(conv1_out))
             conv2_out = layer.conv2(relu2_out)
             acts.layers.append(DenseLayerActivations(relu1_out, conv1_out, relu2_out, conv2_out,
                                                      norm1_in if torch.is_grad_enabled() else None))
@@ -109,12 +109,12 @@ def run_forward(plan: DenseNetPlan, x: torch.Tensor) -> Activations:
         acts.output = torch.cat(concatenated, 1)
         if block.transition is not None:
             t = block.transition
-            acts.post_relu_out = t.relu(t.norm(acts.output))
+            acts.post_relu_out = relu_of_fresh(t.relu, t.norm(acts.output))
             acts.transition_conv_out = t.conv(acts.post_relu_out)
             acts.transition_relu2_out = t.relu2(acts.transition_conv_out)
             features = t.pool(acts.transition_relu2_out)
         else:
-            acts.post_relu_out = f.fReLU(f.norm5(acts.output))
+            acts.post_relu_out = relu_of_fresh(f.fReLU, f.norm5(acts.output))
             features = f.AdaptPool(acts.post_relu_out)
         blocks.append(acts)
     pooled = features

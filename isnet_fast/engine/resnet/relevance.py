@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from .. import torch_ops
 from ..rules import (batchnorm_fold, check_finite_images, check_image_batch, conv_transpose, input_layer_terms,
-                     is_forward_fold)
+                     is_forward_fold, relu_of_fresh)
 from .plan import ResidualBlockPlan, ResNetPlan
 from ..torch_ops import merge_batch_and_classes, split_batch_and_classes, stabilize
 
@@ -76,7 +76,7 @@ def check_resnet_input(x: torch.Tensor, plan: ResNetPlan, check_finite: bool = T
 def run_resnet_forward(plan: ResNetPlan, x: torch.Tensor) -> ResNetActivations:
     stem = plan.stem
     stem_conv_out = stem.conv(x)
-    stem_relu_out = plan.stem_relu(stem.bn(stem_conv_out))
+    stem_relu_out = relu_of_fresh(plan.stem_relu, stem.bn(stem_conv_out))
     pool = plan.maxpool
     features, indices = F.max_pool2d(stem_relu_out, pool.kernel_size, pool.stride, pool.padding, pool.dilation,
                                      ceil_mode=pool.ceil_mode, return_indices=True)
@@ -89,7 +89,7 @@ def run_resnet_forward(plan: ResNetPlan, x: torch.Tensor) -> ResNetActivations:
             conv_outputs.append(unit.conv(hidden))
             normalised = unit.bn(conv_outputs[-1])
             if position < len(block.convs) - 1:
-                hidden = block.relus[position](normalised)
+                hidden = relu_of_fresh(block.relus[position], normalised)
         downsample_conv_out = None
         shortcut = features
         if block.downsample is not None:
