@@ -918,6 +918,18 @@ def measure(spec: CaseSpec, reference: Optional[ReferenceModules] = None) -> Cas
             torch.cuda.empty_cache()
 
 
+def pool_rounds(results: Sequence[CaseResult]) -> CaseResult:
+    """One case measured in several rounds (``isnet-fast bench --rounds``) as one result: every
+    round's timed runs, the largest peak memory, and the first error (its runs are then dropped)."""
+    first = results[0]
+    failed = next((r for r in results if r.error), None)
+    if failed is not None:
+        return CaseResult(first.spec, error=failed.error, error_detail=failed.error_detail)
+    peaks = [r.peak_memory_bytes for r in results if r.peak_memory_bytes is not None]
+    return CaseResult(first.spec, [t for r in results for t in r.times_s], max(peaks) if peaks else None,
+                      first.memory_kind)
+
+
 @dataclass
 class Comparison:
     """A result with the ratios taken within its run."""

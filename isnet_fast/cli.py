@@ -143,6 +143,10 @@ def _add_bench_parser(subparsers) -> None:
     run.add_argument("--warmup", type=non_negative_int, help="untimed runs first (default: 1 on CPU, 3 on CUDA)")
     run.add_argument("--repeat", type=positive_int, help="timed runs; the median is reported "
                                                           "(default: 3 on CPU, 10 on CUDA)")
+    run.add_argument("--rounds", type=positive_int, default=1,
+                     help="measure every case this many times in turn (each time with its warm-up and "
+                          "--repeat runs) and pool the runs, so that a machine whose speed drifts moves "
+                          "every case alike (default 1)")
     sweep = parser.add_argument_group("sweeps")
     sweep.add_argument("--sweep", choices=SWEEP_AXES,
                        help="measure across values of classes, batch or size, to see how time and memory grow")
@@ -180,19 +184,22 @@ def run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     started = time.perf_counter()
     _progress(f"isnet-fast bench: {len(specs)} case(s), {_describe(settings, device, args.sweep)}"
               + ("; each case in its own process" if device.type == "cpu" else ""))
-    results = []
+    rounds = [[] for _ in specs]  # each case's result in every round
     with warnings.catch_warnings():
         bm.silence_original_deprecation_warnings()
-        for index, spec in enumerate(specs, 1):
-            axes = ", ".join(f"{axis} {getattr(spec, axis)}" for axis in _table_axes(args))
-            _progress(f"[{index}/{len(specs)}] {axes}: {spec.label} ...", end="")
-            case_started = time.perf_counter()
-            result = bm.measure(spec, loaded.get(spec.implementation))
-            if result.error:
-                _progress(f" failed: {result.error}")
-            else:
-                _progress(f" {result.median_s * 1e3:.1f} ms/batch ({time.perf_counter() - case_started:.0f} s)")
-            results.append(result)
+        for round_index in range(1, args.rounds + 1):
+            in_round = f"round {round_index}/{args.rounds}, " if args.rounds > 1 else ""
+            for index, spec in enumerate(specs, 1):
+                axes = ", ".join(f"{axis} {getattr(spec, axis)}" for axis in _table_axes(args))
+                _progress(f"[{in_round}{index}/{len(specs)}] {axes}: {spec.label} ...", end="")
+                case_started = time.perf_counter()
+                result = bm.measure(spec, loaded.get(spec.implementation))
+                if result.error:
+                    _progress(f" failed: {result.error}")
+                else:
+                    _progress(f" {result.median_s * 1e3:.1f} ms/batch ({time.perf_counter() - case_started:.0f} s)")
+                rounds[index - 1].append(result)
+    results = [bm.pool_rounds(case_rounds) for case_rounds in rounds]
     wall_time = time.perf_counter() - started
     _progress(f"done in {wall_time:.0f} s")
 
@@ -216,7 +223,7 @@ def run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         record = {
             "command_line": args.command_line,
             "environment": bm.environment_info(device),
-            "settings": dict(settings, classes=list(classes), cases=list(args.cases),
+            "settings": dict(settings, rounds=args.rounds, classes=list(classes), cases=list(args.cases),
                              variants=[{"explain": e, "selective": s, "name": bm.variant_name(e, s)}
                                        for e, s in variants],
                              reference=original, selective_reference=selective_reference,
@@ -389,8 +396,12 @@ def _describe(settings: Dict, device: torch.device, sweep: Optional[str]) -> str
 
 
 def _header(settings: Dict, device: torch.device, args) -> str:
-    return (f"{_describe(settings, device, args.sweep)}; median of {settings['repeat']} after "
-            f"{settings['warmup']} warmup; torch {torch.__version__}")
+    if args.rounds > 1:
+        how = (f"median of {settings['repeat'] * args.rounds} runs in {args.rounds} rounds, each case's "
+               f"{settings['repeat']} after {settings['warmup']} warmup")
+    else:
+        how = f"median of {settings['repeat']} after {settings['warmup']} warmup"
+    return f"{_describe(settings, device, args.sweep)}; {how}; torch {torch.__version__}"
 
 
 def _progress(message: str, end: str = "\n") -> None:

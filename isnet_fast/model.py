@@ -10,7 +10,7 @@ import pickle
 import re
 import zipfile
 from collections import OrderedDict
-from typing import Any, List, Mapping, Optional, Union
+from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -425,6 +425,29 @@ def state_dict_mismatch(model: nn.Module, state_dict: Mapping[str, Any], strict:
     the architecture each side looks like.
     """
     expected = model.state_dict(keep_vars=True)
+    missing, unexpected, reshaped = key_mismatches(expected, state_dict, strict, DENSENET_PREFIX)
+    if not (missing or unexpected or reshaped):
+        return None
+    ours = {key: tuple(value.shape) for key, value in expected.items() if torch.is_tensor(value)}
+    theirs = {key: tuple(value.shape) for key, value in state_dict.items() if torch.is_tensor(value)}
+    lines = [f"the state dict does not fit the model: it looks like {_architecture(theirs)}; "
+             f"the model is {_architecture(ours, model=True)}"]
+    if any(key.startswith(DENSENET_PREFIX) for key in expected) and state_dict and \
+            not any(str(key).startswith(DENSENET_PREFIX) for key in state_dict):
+        lines.append("its keys lack the 'DenseNet.' prefix: for a bare DenseNet's state dict use "
+                     "model.DenseNet.load_state_dict(state_dict)")
+        return "\n".join(lines)
+    classifier = [item for item in reshaped if item.startswith("classifier.")]  # the likeliest reason: shown first
+    return "\n".join(lines + mismatch_lines(missing, unexpected, reshaped, DENSENET_PREFIX, first=classifier[:1]))
+
+
+DENSENET_PREFIX = "DenseNet."
+
+
+def key_mismatches(expected: Mapping[str, Any], state_dict: Mapping[str, Any], strict: bool,
+                   prefix: str) -> Tuple[List[str], List[str], List[str]]:
+    """The missing and unexpected keys (none unless ``strict``) and a line per value of another
+    shape or no tensor at all, keys shown without the wrapper's ``prefix``."""
     missing = [key for key in expected if key not in state_dict and not key.endswith("num_batches_tracked")]
     unexpected = [key for key in state_dict if key not in expected]
     if not strict:
@@ -435,42 +458,34 @@ def state_dict_mismatch(model: nn.Module, state_dict: Mapping[str, Any], strict:
             continue
         value = state_dict[key]
         if not torch.is_tensor(value):
-            reshaped.append(f"{_short(key)} is a {type(value).__name__}, not a tensor")
+            reshaped.append(f"{_short(key, prefix)} is a {type(value).__name__}, not a tensor")
         elif value.shape != param.shape and not (param.dim() == 0 and tuple(value.shape) == (1,)):
-            reshaped.append(f"{_short(key)} {tuple(value.shape)} vs the model's {tuple(param.shape)}")
-    if not (missing or unexpected or reshaped):
-        return None
-    ours = {key: tuple(value.shape) for key, value in expected.items() if torch.is_tensor(value)}
-    theirs = {key: tuple(value.shape) for key, value in state_dict.items() if torch.is_tensor(value)}
-    lines = [f"the state dict does not fit the model: it looks like {_architecture(theirs)}; "
-             f"the model is {_architecture(ours, model=True)}"]
-    prefix = "DenseNet."
-    if any(key.startswith(prefix) for key in expected) and state_dict and \
-            not any(str(key).startswith(prefix) for key in state_dict):
-        lines.append("its keys lack the 'DenseNet.' prefix: for a bare DenseNet's state dict use "
-                     "model.DenseNet.load_state_dict(state_dict)")
-        return "\n".join(lines)
-    parts = []
-    for what, keys in (("missing", missing), ("unexpected", unexpected)):
-        if keys:
-            parts.append(f"{len(keys)} {what} key{'s' if len(keys) > 1 else ''} ({_first_two(keys)})")
+            reshaped.append(f"{_short(key, prefix)} {tuple(value.shape)} vs the model's {tuple(param.shape)}")
+    return missing, unexpected, reshaped
+
+
+def mismatch_lines(missing: List[str], unexpected: List[str], reshaped: List[str], prefix: str,
+                   first: Sequence[str] = ()) -> List[str]:
+    """The counted keys, the first two of each, and one size mismatch (``first``'s if given) and how many more."""
+    lines = []
+    parts = [f"{len(keys)} {what} key{'s' if len(keys) > 1 else ''} ({_first_two(keys, prefix)})"
+             for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
     if parts:
         lines.append("; ".join(parts))
     if reshaped:
-        classifier = [item for item in reshaped if item.startswith("classifier.")]
         more = f" (and {len(reshaped) - 1} more)" if len(reshaped) > 1 else ""
-        lines.append(f"size mismatch: {(classifier or reshaped)[0]}{more}")
-    return "\n".join(lines)
+        lines.append(f"size mismatch: {(list(first) or reshaped)[0]}{more}")
+    return lines
 
 
-def _short(key) -> str:
-    """A key without the IsDenseFast's 'DenseNet.' prefix, for messages."""
+def _short(key, prefix: str = DENSENET_PREFIX) -> str:
+    """A key without the wrapper's prefix ('DenseNet.', 'resnet.'), for messages."""
     key = str(key)
-    return key[len("DenseNet."):] if key.startswith("DenseNet.") else key
+    return key[len(prefix):] if key.startswith(prefix) else key
 
 
-def _first_two(keys: List[str]) -> str:
-    return ", ".join(_short(key) for key in keys[:2]) + (", ..." if len(keys) > 2 else "")
+def _first_two(keys: List[str], prefix: str = DENSENET_PREFIX) -> str:
+    return ", ".join(_short(key, prefix) for key in keys[:2]) + (", ..." if len(keys) > 2 else "")
 
 
 def _architecture(shapes: Mapping[str, tuple], model: bool = False) -> str:

@@ -8,12 +8,12 @@ adds the ResNet's steps (``isnet_fast.engine.resnet``).
 from __future__ import annotations
 
 import os
-from typing import List, Mapping, Optional, Union
+from typing import Mapping, Optional, Union
 
 import torch
 import torch.nn as nn
 
-from .model import ISNetFast, check_flag
+from .model import ISNetFast, check_flag, key_mismatches, mismatch_lines
 from .engine.resnet.plan import build_resnet_plan
 from .engine.resnet.relevance import check_resnet_input, resnet_relevance, run_resnet_forward
 
@@ -87,41 +87,15 @@ def resnet_state_dict_mismatch(model: nn.Module, state_dict: Mapping[str, object
                                strict: bool = True) -> Optional[str]:
     """Why ``state_dict`` does not fit ``model`` (an IsResNetFast), in a few lines; None when it fits."""
     expected = model.state_dict(keep_vars=True)
-    prefix = "resnet."
-    if state_dict and not any(str(key).startswith(prefix) for key in state_dict) and \
-            any(f"{prefix}{key}" in expected for key in state_dict):
+    if state_dict and not any(str(key).startswith(RESNET_PREFIX) for key in state_dict) and \
+            any(f"{RESNET_PREFIX}{key}" in expected for key in state_dict):
         return ("the state dict does not fit the model: its keys lack the 'resnet.' prefix; for a bare ResNet's "
                 "state dict use model.resnet.load_state_dict(state_dict)")
-    missing = [key for key in expected if key not in state_dict and not key.endswith("num_batches_tracked")]
-    unexpected = [key for key in state_dict if key not in expected]
-    if not strict:
-        missing, unexpected = [], []
-    reshaped = []
-    for key, param in expected.items():
-        value = state_dict.get(key)
-        if value is None:
-            continue
-        if not torch.is_tensor(value):
-            reshaped.append(f"{_short(key)} is a {type(value).__name__}, not a tensor")
-        elif value.shape != param.shape and not (param.dim() == 0 and tuple(value.shape) == (1,)):
-            reshaped.append(f"{_short(key)} {tuple(value.shape)} vs the model's {tuple(param.shape)}")
+    missing, unexpected, reshaped = key_mismatches(expected, state_dict, strict, RESNET_PREFIX)
     if not (missing or unexpected or reshaped):
         return None
     lines = ["the state dict does not fit the model (another ResNet depth, width or number of classes?)"]
-    parts = [f"{len(keys)} {what} key{'s' if len(keys) > 1 else ''} ({_first_two(keys)})"
-             for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
-    if parts:
-        lines.append("; ".join(parts))
-    if reshaped:
-        more = f" (and {len(reshaped) - 1} more)" if len(reshaped) > 1 else ""
-        lines.append(f"size mismatch: {reshaped[0]}{more}")
-    return "\n".join(lines)
+    return "\n".join(lines + mismatch_lines(missing, unexpected, reshaped, RESNET_PREFIX))
 
 
-def _short(key) -> str:
-    key = str(key)
-    return key[len("resnet."):] if key.startswith("resnet.") else key
-
-
-def _first_two(keys: List[str]) -> str:
-    return ", ".join(_short(key) for key in keys[:2]) + (", ..." if len(keys) > 2 else "")
+RESNET_PREFIX = "resnet."

@@ -172,16 +172,16 @@ def _layout(rel, act):
     return channels_innermost(rel, 2)
 
 
-def max_unpool_forward(rel, indices, act, z, e, kernel_size, stride, padding, wrap_triton=unwrapped):
-    """``rel``: B x M x CH x h x w; ``indices``: B x CH x h x w (max_pool2d's); ``act``, ``z``:
-    B x CH x H x W (flattenable H, W). Any strides."""
+def launch_unpool_forward(kernel, rel, indices, act, z, e, kernel_size, stride, padding, wrap_triton):
+    """Runs an un-pooling forward kernel (this module's overwriting one, or the summing one of
+    ``max_unpool_sum``: the same arguments) into a new tensor."""
     batch, maps, channels, pooled_h, pooled_w = rel.shape
     height, width = act.shape[-2:]
     check_plane(height, width)
     channels_last = _layout(rel, act)
     out = empty((batch, maps, channels, height, width), rel.dtype, rel.device, channels_last)
     block_c, block_p, warps = tile(channels, height * width, channels_last, rel.dtype, act.dtype)
-    wrap_triton(_max_unpool_fwd_kernel)[grid(channels, height * width, batch, block_c, block_p)](
+    wrap_triton(kernel)[grid(channels, height * width, batch, block_c, block_p)](
         rel, indices, act, z, out, scalars([e], rel), maps, channels, height * width, width, pooled_h, pooled_w,
         *_strides(rel), *_strides(indices), *spatial_strides(act, 2), *spatial_strides(z, 2),
         *spatial_strides(out, 3), **_geometry(kernel_size, stride, padding),
@@ -191,7 +191,9 @@ def max_unpool_forward(rel, indices, act, z, e, kernel_size, stride, padding, wr
     return out
 
 
-def max_unpool_backward(grad_out, rel, indices, act, z, e, kernel_size, stride, padding, wrap_triton=unwrapped):
+def launch_unpool_backward(kernel, grad_out, rel, indices, act, z, e, kernel_size, stride, padding, wrap_triton):
+    """Runs an un-pooling backward kernel (see ``launch_unpool_forward``); (grad_rel, grad_act, grad_z).
+    Every pooled position chose one pixel, so every element of grad_rel is written."""
     batch, maps, channels, pooled_h, pooled_w = rel.shape
     height, width = act.shape[-2:]
     check_plane(height, width)
@@ -200,7 +202,7 @@ def max_unpool_backward(grad_out, rel, indices, act, z, e, kernel_size, stride, 
     grad_act = empty((batch, channels, height, width), act.dtype, act.device, channels_last)
     grad_z = empty((batch, channels, height, width), z.dtype, z.device, channels_last)
     block_c, block_p, warps = tile(channels, height * width, channels_last, rel.dtype, act.dtype)
-    wrap_triton(_max_unpool_bwd_kernel)[grid(channels, height * width, batch, block_c, block_p)](
+    wrap_triton(kernel)[grid(channels, height * width, batch, block_c, block_p)](
         grad_out, rel, indices, act, z, grad_rel, grad_act, grad_z, scalars([e], rel),
         maps, channels, height * width, width, pooled_h, pooled_w,
         *spatial_strides(grad_out, 3), *_strides(rel), *_strides(indices), *spatial_strides(act, 2),
@@ -210,3 +212,15 @@ def max_unpool_backward(grad_out, rel, indices, act, z, e, kernel_size, stride, 
         num_warps=warps, maxnreg=MAX_REGISTERS,
     )
     return grad_rel, grad_act, grad_z
+
+
+def max_unpool_forward(rel, indices, act, z, e, kernel_size, stride, padding, wrap_triton=unwrapped):
+    """``rel``: B x M x CH x h x w; ``indices``: B x CH x h x w (max_pool2d's); ``act``, ``z``:
+    B x CH x H x W (flattenable H, W). Any strides."""
+    return launch_unpool_forward(_max_unpool_fwd_kernel, rel, indices, act, z, e, kernel_size, stride, padding,
+                                 wrap_triton)
+
+
+def max_unpool_backward(grad_out, rel, indices, act, z, e, kernel_size, stride, padding, wrap_triton=unwrapped):
+    return launch_unpool_backward(_max_unpool_bwd_kernel, grad_out, rel, indices, act, z, e, kernel_size, stride,
+                                  padding, wrap_triton)

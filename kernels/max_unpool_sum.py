@@ -15,13 +15,11 @@ Tiles follow the activations' layout (``_common``); the outputs take that layout
 windows, dilation 1.
 """
 
-import torch
 import triton
 import triton.language as tl
 
-from ._common import (MAX_REGISTERS, check_plane, empty, grid, scalars, spatial_strides, tile, tile_indices, to_compute,
-                      unwrapped)
-from .max_unpool import _act_and_denominator, _geometry, _layout, _strides, _windows
+from ._common import tile_indices, to_compute, unwrapped
+from .max_unpool import _act_and_denominator, _windows, launch_unpool_backward, launch_unpool_forward
 
 
 @triton.jit
@@ -134,40 +132,11 @@ def _max_unpool_sum_bwd_kernel(
 def max_unpool_sum_forward(rel, indices, act, z, e, kernel_size, stride, padding, wrap_triton=unwrapped):
     """``rel``: B x M x CH x h x w; ``indices``: B x CH x h x w (max_pool2d's); ``act``, ``z``:
     B x CH x H x W (flattenable H, W). Any strides. ``wrap_triton``: see ``_common``."""
-    batch, maps, channels, pooled_h, pooled_w = rel.shape
-    height, width = act.shape[-2:]
-    check_plane(height, width)
-    channels_last = _layout(rel, act)
-    out = empty((batch, maps, channels, height, width), rel.dtype, rel.device, channels_last)
-    block_c, block_p, warps = tile(channels, height * width, channels_last, rel.dtype, act.dtype)
-    wrap_triton(_max_unpool_sum_fwd_kernel)[grid(channels, height * width, batch, block_c, block_p)](
-        rel, indices, act, z, out, scalars([e], rel), maps, channels, height * width, width, pooled_h, pooled_w,
-        *_strides(rel), *_strides(indices), *spatial_strides(act, 2), *spatial_strides(z, 2),
-        *spatial_strides(out, 3), **_geometry(kernel_size, stride, padding),
-        IS_FP64=rel.dtype == torch.float64, CHANNELS_LAST=channels_last, BLOCK_C=block_c, BLOCK_P=block_p,
-        num_warps=warps, maxnreg=MAX_REGISTERS,
-    )
-    return out
+    return launch_unpool_forward(_max_unpool_sum_fwd_kernel, rel, indices, act, z, e, kernel_size, stride, padding,
+                                 wrap_triton)
 
 
 def max_unpool_sum_backward(grad_out, rel, indices, act, z, e, kernel_size, stride, padding, wrap_triton=unwrapped):
     """(grad_rel, grad_act, grad_z) of ``max_unpool_sum_forward`` for ``grad_out`` (flattenable H, W)."""
-    batch, maps, channels, pooled_h, pooled_w = rel.shape
-    height, width = act.shape[-2:]
-    check_plane(height, width)
-    channels_last = _layout(rel, act)
-    # Every pooled position chose one pixel, so every element of grad_rel is written.
-    grad_rel = empty((batch, maps, channels, pooled_h, pooled_w), rel.dtype, rel.device, channels_last)
-    grad_act = empty((batch, channels, height, width), act.dtype, act.device, channels_last)
-    grad_z = empty((batch, channels, height, width), z.dtype, z.device, channels_last)
-    block_c, block_p, warps = tile(channels, height * width, channels_last, rel.dtype, act.dtype)
-    wrap_triton(_max_unpool_sum_bwd_kernel)[grid(channels, height * width, batch, block_c, block_p)](
-        grad_out, rel, indices, act, z, grad_rel, grad_act, grad_z, scalars([e], rel),
-        maps, channels, height * width, width, pooled_h, pooled_w,
-        *spatial_strides(grad_out, 3), *_strides(rel), *_strides(indices), *spatial_strides(act, 2),
-        *spatial_strides(z, 2), *_strides(grad_rel), *spatial_strides(grad_act, 2),
-        **_geometry(kernel_size, stride, padding),
-        IS_FP64=rel.dtype == torch.float64, CHANNELS_LAST=channels_last, BLOCK_C=block_c, BLOCK_P=block_p,
-        num_warps=warps, maxnreg=MAX_REGISTERS,
-    )
-    return grad_rel, grad_act, grad_z
+    return launch_unpool_backward(_max_unpool_sum_bwd_kernel, grad_out, rel, indices, act, z, e, kernel_size, stride,
+                                  padding, wrap_triton)

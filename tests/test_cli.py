@@ -373,3 +373,31 @@ def test_variants_with_the_reference(tmp_path, capsys):
         else:
             assert f"{label} (authors' selective)" not in results
             assert "backup/ folder alone" in out
+
+
+def test_bench_rounds_measure_every_case_in_turn_and_pool_the_runs(tmp_path, capsys, no_reference):
+    out_json = tmp_path / "rounds.json"
+    argv = ["bench", "--arch", "tiny", "--device", "cpu", "--batch", "1", "--classes", "2", "--size", "32",
+            "--cases", "explain", "explain-floor", "--threads", "1", "--warmup", "0", "--repeat", "2",
+            "--rounds", "2", "--json", str(out_json)]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    progress = [line.split(":")[0] for line in err.splitlines() if line.startswith("[round")]
+    assert progress == ["[round 1/2, 1/2] classes 2", "[round 1/2, 2/2] classes 2",
+                        "[round 2/2, 1/2] classes 2", "[round 2/2, 2/2] classes 2"]
+    assert "median of 4 runs in 2 rounds" in out
+    record = json.loads(out_json.read_text())
+    assert record["settings"]["rounds"] == 2
+    for result in record["results"]:
+        assert result["error"] is None, result["error_detail"]
+        assert len(result["times_ms"]) == 4
+
+
+def test_pooled_rounds_keep_every_run_the_largest_peak_and_a_failure():
+    spec = bm.CaseSpec(case="explain", implementation="isnet_fast", arch="tiny")
+    first = bm.CaseResult(spec, [1.0, 2.0], 100, "peak RSS")
+    second = bm.CaseResult(spec, [3.0], 300, "peak RSS")
+    pooled = bm.pool_rounds([first, second])
+    assert pooled.times_s == [1.0, 2.0, 3.0] and pooled.peak_memory_bytes == 300 and pooled.median_s == 2.0
+    failed = bm.pool_rounds([first, bm.CaseResult(spec, error="out of memory", error_detail="trace")])
+    assert failed.error == "out of memory" and failed.times_s == [] and failed.median_s is None

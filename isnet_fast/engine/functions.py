@@ -1,4 +1,7 @@
-"""autograd Functions of the relevance pass that plain torch ops cannot express."""
+"""The torch ops' autograd Functions: the original's overwriting un-pooling, whose gradient is not
+its forward's adjoint, and the epsilon steps under autograd with their backward passes written
+out. The slow, obviously-correct versions are the formulas themselves (``torch_ops`` keeps them
+for mixed dtypes; ``tests/test_autograd_functions.py`` compares the two)."""
 
 from __future__ import annotations
 
