@@ -154,7 +154,7 @@ class ISNetFast(nn.Module):
         if not self.heat:
             return self.network(x)
         ops = ops_for(self.backend, x)
-        channels_last = ops is torch_ops and x.device.type == "cpu" and not __import__("os").environ.get("ISNET_NCHW")
+        channels_last = ops is torch_ops and x.device.type == "cpu"
         if channels_last:
             # oneDNN's convolutions (the bulk of the work) run fastest with the channels last;
             # the torch ops keep every relevance tensor in that layout.

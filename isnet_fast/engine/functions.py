@@ -6,6 +6,7 @@ for mixed dtypes; ``tests/test_autograd_functions.py`` compares the two)."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def channels_last_view(t: torch.Tensor) -> torch.Tensor:
@@ -43,16 +44,17 @@ def overwritten_positions(indices: torch.Tensor, kernel_size: int, stride: int) 
     """
     height, width = indices.shape[-2:]
     reach = -(-kernel_size // stride) - 1  # how many positions apart two windows can still overlap
-    overwritten = torch.zeros(indices.shape, dtype=torch.bool, device=indices.device)
+    # Counted in uint8 and padded back to full size, out of place: torch.compile's CPU code
+    # generation fails on a boolean OR over padded or sliced-in-place comparisons.
+    later_choosers = torch.zeros(indices.shape, dtype=torch.uint8, device=indices.device)
     for down in range(reach + 1):
         for across in range(-reach, reach + 1):
             if (down, across) <= (0, 0) or down >= height or abs(across) >= width:
                 continue  # not later in raster order, or off the map
             first, last = max(0, -across), width - max(0, across)
-            earlier = indices[..., :height - down, first:last]
-            later = indices[..., down:, first + across:last + across]
-            overwritten[..., :height - down, first:last] |= earlier == later
-    return overwritten
+            same = indices[..., :height - down, first:last] == indices[..., down:, first + across:last + across]
+            later_choosers = later_choosers + F.pad(same.to(torch.uint8), (first, width - last, 0, down))
+    return later_choosers > 0
 
 
 def max_unpool_sum_pixels(relevance: torch.Tensor, indices: torch.Tensor, input_hw: tuple) -> torch.Tensor:
