@@ -158,12 +158,17 @@ def test_non_zero_or_string_padding_is_refused(conv):
     assert_short(caught, "'features.denseblock1.denselayer1.conv2'", "padding")
 
 
-def test_a_dilated_stem_pool_is_refused():
+@pytest.mark.parametrize("pool, words", [
+    (nn.MaxPool2d(3, 2, 1, dilation=2), "dilation 1"),
+    (nn.MaxPool2d((3, 2), 2, 1), "square kernel_size"),
+    (nn.MaxPool2d(3, (2, 1), 1), "square stride"),
+], ids=["dilated", "oblong-window", "oblong-stride"])
+def test_a_stem_pool_the_un_pooling_cannot_read_is_refused(pool, words):
     net = tiny_densenet()
-    net.features.pool0 = nn.MaxPool2d(3, 2, 1, dilation=2)
+    net.features.pool0 = pool
     with pytest.raises(UnsupportedModelError) as caught:
         IsDenseFast(net)
-    assert_short(caught, "features.pool0", "dilation 1")
+    assert_short(caught, "'features.pool0'", words)
 
 
 @pytest.mark.parametrize("thing", [DenseNet, tiny_densenet, "densenet121"], ids=["class", "function", "string"])

@@ -12,6 +12,7 @@ from typing import Dict, List, Optional, Tuple
 import torch.nn as nn
 
 from .. import UnsupportedModelError
+from ..stem import check_stem_pool
 
 
 @dataclass
@@ -136,9 +137,7 @@ def build_plan(model: nn.Module, reference_pairing: bool = True) -> DenseNetPlan
     for name, kind in (("conv0", nn.Conv2d), ("norm0", _BATCHNORMS), ("relu0", nn.ReLU), ("pool0", nn.MaxPool2d),
                        ("norm5", _BATCHNORMS), ("fReLU", nn.ReLU), ("AdaptPool", nn.AdaptiveAvgPool2d)):
         _child_as(features, name, f, kind)
-    if nn.modules.utils._pair(features.pool0.dilation) != (1, 1):
-        raise UnsupportedModelError(f"features.pool0 must have dilation 1 (its un-pooling reads undilated windows), "
-                                    f"got {features.pool0.dilation}")
+    check_stem_pool(features.pool0, "features.pool0")
     if tuple(nn.modules.utils._pair(features.AdaptPool.output_size)) != (1, 1):
         raise UnsupportedModelError("features.AdaptPool must pool to 1x1, as in the DenseNet")
 

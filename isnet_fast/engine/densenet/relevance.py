@@ -17,11 +17,11 @@ from __future__ import annotations
 from typing import Dict, Optional, Tuple
 
 import torch
-import torch.nn as nn
 
 from .. import torch_ops
 from ..output import classifier_input_relevance
-from ..rules import batch_statistics, batchnorm_fold, conv_transpose, input_layer_terms, is_forward_fold
+from ..rules import batch_statistics, batchnorm_fold, conv_transpose, is_forward_fold
+from ..stem import pooled_stem_relevance
 from ..torch_ops import (channels_first_view, channels_last_view, merge_batch_and_classes, split_batch_and_classes,
                         stabilize)
 from .forward import Activations
@@ -197,20 +197,8 @@ def stem_relevance(plan: DenseNetPlan, acts: Activations, quotient: torch.Tensor
     original's overwrite rule, or summing where ``overwrite_unpool`` is False) and conv0/norm0 by
     the z^B rule or the epsilon rule."""
     f = plan.features
-    x, conv0, pool = acts.x, f.conv0, f.pool0
-    z, weights, coefficients = input_layer_terms(conv0, f.norm0, x, acts.conv0_out, zb)
-    kernel, stride, padding = (_square(v) for v in (pool.kernel_size, pool.stride, pool.padding))
-    unpooled = ops.max_unpool_gated(quotient, acts.pool0_indices, acts.relu0_out, z, e, kernel, stride, padding,
-                                    overwrite=overwrite_unpool)
-    back = conv_transpose(conv0, merge_batch_and_classes(unpooled), x.shape[-2:], torch.cat(weights, dim=1))
-    return ops.input_rule(split_batch_and_classes(back, x.shape[0]), x, coefficients)
-
-
-def _square(value) -> int:
-    pair = nn.modules.utils._pair(value)
-    if pair[0] != pair[1]:
-        raise ValueError(f"features.pool0 must have square windows, got {pair}")
-    return pair[0]
+    return pooled_stem_relevance(f.conv0, f.norm0, f.pool0, acts.x, acts.conv0_out, acts.relu0_out,
+                                 acts.pool0_indices, quotient, e, zb, ops, overwrite_unpool)
 
 
 def relevance(plan: DenseNetPlan, acts: Activations, e: float, zb: bool, ops=torch_ops,

@@ -17,6 +17,7 @@ from typing import List, Optional
 import torch.nn as nn
 
 from .. import UnsupportedModelError
+from ..stem import check_stem_pool
 
 _BATCHNORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
 _KINDS = {2: "basic", 3: "bottleneck"}  # by the number of BatchNorm-folded convs in the branch
@@ -175,13 +176,7 @@ def build_resnet_plan(model: nn.Module) -> ResNetPlan:
     bn1 = _child(model, "bn1", "", _BATCHNORMS, "an nn.BatchNorm2d")
     stem_relu = _child(model, "relu", "", nn.ReLU, "an nn.ReLU")
     maxpool = _child(model, "maxpool", "", nn.MaxPool2d, "an nn.MaxPool2d")
-    for what in ("kernel_size", "stride", "padding", "dilation"):
-        pair = nn.modules.utils._pair(getattr(maxpool, what))
-        if pair[0] != pair[1]:
-            raise UnsupportedModelError(f"'maxpool' must have a square {what}, got {pair}")
-    if nn.modules.utils._pair(maxpool.dilation) != (1, 1):
-        raise UnsupportedModelError(f"'maxpool' must have dilation 1 (its un-pooling reads undilated windows), "
-                                    f"got {maxpool.dilation}")
+    check_stem_pool(maxpool, "maxpool")
     if bn1.num_features != conv1.out_channels:
         raise UnsupportedModelError(f"'bn1' normalises {bn1.num_features} channels, but 'conv1' makes "
                                     f"{conv1.out_channels}")

@@ -17,7 +17,7 @@ the BatchNorm after the conv folded in). The rules (the authors' ``LRPResNet``):
   identity shortcut);
 * the max pool: ``R_in = act * unpool(R_out / stab(pooled))``, un-pooled by the original's
   overwrite rule (or summing, ``overwrite_unpool=False``);
-* conv1 + bn1 by z^B (bounds 0 and 1) or the epsilon rule (``relevance.input_layer_terms``).
+* conv1 + bn1 by z^B (bounds 0 and 1) or the epsilon rule (``engine.stem.pooled_stem_relevance``).
 
 A step the ops module lacks runs the torch ops' version (``_op``); ``triton_ops`` has them all.
 """
@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 
 from .. import torch_ops
-from ..rules import (batchnorm_fold, check_finite_images, check_image_batch, conv_transpose, input_layer_terms,
-                     is_forward_fold, relu_of_fresh)
-from .plan import ResidualBlockPlan, ResNetPlan
+from ..rules import batchnorm_fold, check_finite_images, check_image_batch, conv_transpose, is_forward_fold, relu_of_fresh
+from ..stem import pooled_stem_relevance
 from ..torch_ops import merge_batch_and_classes, split_batch_and_classes, stabilize
+from .plan import ResidualBlockPlan, ResNetPlan
 
 
 @dataclass
@@ -156,20 +156,10 @@ def stem_relevance(plan: ResNetPlan, acts: ResNetActivations, factor: torch.Tens
     """From the factor at the max pool's output to the input heatmaps: the pool's epsilon step
     (its output over its stabiliser; the pooled values are >= 0, the ReLU of themselves), the
     un-pooling, and conv1/bn1 by the z^B rule or the epsilon rule."""
-    x, conv, pool = acts.x, plan.stem.conv, plan.maxpool
     pooled = acts.pool_out
     quotient = ops.gated_product(factor, pooled, pooled, None, None, e, act_is_relu=True)
-    z, weights, coefficients = input_layer_terms(conv, plan.stem.bn, x, acts.stem_conv_out, zb)
-    kernel, stride, padding = (nn_pair_first(v) for v in (pool.kernel_size, pool.stride, pool.padding))
-    unpooled = ops.max_unpool_gated(quotient, acts.pool_indices, acts.stem_relu_out, z, e, kernel, stride, padding,
-                                    overwrite=overwrite_unpool)
-    back = conv_transpose(conv, merge_batch_and_classes(unpooled), x.shape[-2:], torch.cat(weights, dim=1))
-    return ops.input_rule(split_batch_and_classes(back, x.shape[0]), x, coefficients)
-
-
-def nn_pair_first(value) -> int:
-    """The first of an int-or-pair setting (the plan checked that both are equal)."""
-    return torch.nn.modules.utils._pair(value)[0]
+    return pooled_stem_relevance(plan.stem.conv, plan.stem.bn, plan.maxpool, acts.x, acts.stem_conv_out,
+                                 acts.stem_relu_out, acts.pool_indices, quotient, e, zb, ops, overwrite_unpool)
 
 
 def resnet_relevance(plan: ResNetPlan, acts: ResNetActivations, e: float, zb: bool, at_classifier_input: torch.Tensor,
