@@ -106,9 +106,17 @@ def max_unpool_overwrite(relevance, indices, input_hw, kernel_size, stride):
 # over memory in backward. Shapes and layouts as in ``torch_ops`` (channels-last views inside).
 # ---------------------------------------------------------------------------------------------
 
+def signed_epsilon(z: torch.Tensor, e: float) -> torch.Tensor:
+    """e * sign(z) with sign(0) = +1 (and -0.0 counted as 0), a new tensor shaped and typed as z."""
+    # e and -e as 0-dim tensors of z's dtype: Python floats would make where's result float32
+    # for a float64 z; one select pass instead of a cast, a scale and a shift
+    plus, minus = (torch.tensor(v, dtype=z.dtype, device=z.device) for v in (e, -e))
+    return torch.where(z >= 0, plus, minus)
+
+
 def stabilized(z: torch.Tensor, e: float) -> torch.Tensor:
-    """z + e * sign(z) (sign(0) = +1) in a new tensor, in the operations' order of ``torch_ops.stabilize``."""
-    return (z >= 0).to(z.dtype).mul_(2 * e).sub_(e).add_(z)
+    """z + e * sign(z) (sign(0) = +1) in a new tensor, as ``torch_ops.stabilize`` computes it."""
+    return signed_epsilon(z, e).add_(z)
 
 
 def _map_sum_of_products(grad: torch.Tensor, rel: torch.Tensor) -> torch.Tensor:
