@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from helpers import rel_err
-from isnet_fast.engine import torch_ops
+from isnet_fast.engine import functions, torch_ops
 
 
 def relu_case(dtype, channels_last):
@@ -84,3 +84,17 @@ def test_no_grad_forward_computes_relus_in_place_but_calls_hooked_ones():
     assert torch.equal(y, y_hooked) and torch.equal(heatmaps, heatmaps_hooked)
     y_grad, heatmaps_grad = model(x.clone().requires_grad_())
     assert rel_err(y_grad, y) <= 1e-14 and rel_err(heatmaps_grad, heatmaps) <= 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("e", [1e-2, 1e-9, 0.3], ids=lambda e: f"e={e}")
+def test_stabilisers_add_e_times_the_sign_with_zero_counted_positive(dtype, e):
+    z = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 2.5, -2.5, float("inf"), -float("inf")], dtype=torch.float64).to(dtype)
+    sign = torch.tensor([1, 1, 1, -1, 1, -1, 1, -1], dtype=dtype)
+    expected = sign * torch.tensor(e, dtype=dtype) + z  # e in the input's dtype, added last
+    for stabiliser in (functions.stabilized, torch_ops.stabilize):
+        got = stabiliser(z, e)
+        assert got.dtype == dtype
+        assert torch.equal(got, expected), stabiliser.__name__
+    nan = torch.tensor([float("nan")], dtype=dtype)
+    assert torch.isnan(functions.stabilized(nan, e)).all() and torch.isnan(torch_ops.stabilize(nan, e)).all()
