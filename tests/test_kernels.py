@@ -393,12 +393,13 @@ class UnpoolCase:
     size: tuple = (13, 11)
     data: str = "random"  # random | ties | constant: what the max pool that made the indices saw
     geometry: tuple = (3, 2, 1)  # kernel, stride, padding
+    ceil_mode: bool = False  # the pool's: a last, partial row and column of windows
     rel: str = "contiguous"  # contiguous | channel_slice | transposed | channels_last
     act: str = "contiguous"  # contiguous | channel_slice | channels_last (act, z and the pool's indices)
     cotangent: str = "contiguous"
 
 
-def pool_indices(g, batch, channels, size, data, geometry, channels_last=False):
+def pool_indices(g, batch, channels, size, data, geometry, channels_last=False, ceil_mode=False):
     if data == "ties":
         x = torch.randint(0, 3, (batch, channels, *size), generator=g).double()
     elif data == "constant":
@@ -408,7 +409,7 @@ def pool_indices(g, batch, channels, size, data, geometry, channels_last=False):
     kernel, stride, padding = geometry
     if channels_last:  # as the network's pool gives them in a channels_last pass
         x = x.contiguous(memory_format=torch.channels_last)
-    indices = F.max_pool2d(x, kernel, stride, padding, return_indices=True)[1]
+    indices = F.max_pool2d(x, kernel, stride, padding, ceil_mode=ceil_mode, return_indices=True)[1]
     assert channels_innermost(indices, 1) == (channels_last and channels > 1)
     return indices
 
@@ -416,7 +417,7 @@ def pool_indices(g, batch, channels, size, data, geometry, channels_last=False):
 def unpool_spec(case: UnpoolCase, seed=0, z_away_from_zero=False) -> Spec:
     g = generator(seed)
     b, c, ch = case.batch, case.classes, case.channels
-    indices = pool_indices(g, b, ch, case.size, case.data, case.geometry, case.act == "channels_last")
+    indices = pool_indices(g, b, ch, case.size, case.data, case.geometry, case.act == "channels_last", case.ceil_mode)
     ph, pw = indices.shape[-2:]
     views = {}
     rel = pooled_relevance(g, case.rel, b, c, ch, ph, pw, views)
@@ -446,6 +447,7 @@ UNPOOL_CASES = [
                  id="b1-c1-ch1-33x35-tail-ties"),
     pytest.param(UnpoolCase(channels=5, size=(9, 7), data="ties", geometry=(2, 2, 0)), id="ch5-9x7-k2s2p0-ties"),
     pytest.param(UnpoolCase(batch=1, size=(6, 5), data="ties", geometry=(3, 1, 1)), id="b1-6x5-k3s1p1-ties"),
+    pytest.param(UnpoolCase(size=(12, 11), data="ties", geometry=(3, 2, 0), ceil_mode=True), id="12x11-k3s2p0-ceil-ties"),
     pytest.param(UnpoolCase(data="ties", rel="channel_slice", act="channel_slice"), id="rel_slice-act_slice-ties"),
     pytest.param(UnpoolCase(data="ties", rel="transposed", cotangent="transposed"), id="rel_transposed-cot_transposed"),
     pytest.param(UnpoolCase(data="ties", rel="channels_last", act="channels_last", cotangent="channels_last"),

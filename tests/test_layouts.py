@@ -88,8 +88,11 @@ def test_split_channels_keeps_channels_last_in_the_backward():
     assert torch.equal(grads[0][:, :, 4:7], torch.full_like(grads[0][:, :, 4:7], 2.0))
 
 
-UNPOOL_GEOMETRIES = [(3, 2, 1), (2, 2, 0), (3, 1, 1), (4, 2, 1), (5, 2, 2), (5, 3, 2), (2, 1, 0), (7, 3, 3)]
-UNPOOL_IDS = [f"k{k}s{s}p{p}" for k, s, p in UNPOOL_GEOMETRIES]
+# kernel, stride, padding, ceil_mode; on 11 x 9 inputs ceil_mode adds a last row or column of windows
+UNPOOL_GEOMETRIES = [(3, 2, 1, False), (2, 2, 0, False), (3, 1, 1, False), (4, 2, 1, False), (5, 2, 2, False),
+                     (5, 3, 2, False), (2, 1, 0, False), (7, 3, 3, False), (3, 2, 0, True), (2, 2, 0, True),
+                     (4, 3, 1, True)]
+UNPOOL_IDS = [f"k{k}s{s}p{p}" + ("-ceil" if ceil else "") for k, s, p, ceil in UNPOOL_GEOMETRIES]
 
 
 def overwritten_by_raster_order(indices: torch.Tensor) -> torch.Tensor:
@@ -115,8 +118,9 @@ def test_overwritten_positions_are_those_a_later_position_overwrites(geometry, d
     values = {"ties": torch.randint(0, 2, (B, CH, 11, 9), generator=g).double(),
               "constant": torch.zeros(B, CH, 11, 9, dtype=torch.float64),
               "random": torch.randn(B, CH, 11, 9, generator=g, dtype=torch.float64)}[data]
-    kernel, stride, padding = geometry
-    _, indices = torch.nn.functional.max_pool2d(values, kernel, stride, padding, return_indices=True)
+    kernel, stride, padding, ceil_mode = geometry
+    _, indices = torch.nn.functional.max_pool2d(values, kernel, stride, padding, ceil_mode=ceil_mode,
+                                                return_indices=True)
     expected = overwritten_by_raster_order(indices)
     if data == "ties" and stride < kernel:
         assert expected.any()  # overlapping windows and ties: some positions are overwritten
@@ -132,10 +136,11 @@ def test_overwriting_unpool_is_torchs_max_unpool2d_and_its_gradient_a_gather(geo
     pixel) times the gate; backward: autograd of ``max_unpool2d``, a gather at every pooled
     position, overwritten or not."""
     g = torch.Generator().manual_seed(1)
-    kernel, stride, padding = geometry
+    kernel, stride, padding, ceil_mode = geometry
     height, width = 11, 9
     values = torch.randint(0, 2, (B, CH, height, width), generator=g).double()
-    _, indices = torch.nn.functional.max_pool2d(values, kernel, stride, padding, return_indices=True)
+    _, indices = torch.nn.functional.max_pool2d(values, kernel, stride, padding, ceil_mode=ceil_mode,
+                                                return_indices=True)
     ph, pw = indices.shape[-2:]
     act = torch.rand(B, CH, height, width, generator=g, dtype=torch.float64)
     z = torch.randn(B, CH, height, width, generator=g, dtype=torch.float64)
