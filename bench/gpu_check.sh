@@ -11,6 +11,13 @@
 #   bash bench/gpu_check.sh OUTDIR --smoke    # the same flow on the CPU, tiny sizes, about a minute
 #   ISNET_REFERENCE=/path/to/ISNet bash bench/gpu_check.sh OUTDIR   # also time the original and the
 #                                             #   authors' Selective ISNet (a checkout with backup/ and code/)
+#
+# The references on the device machine (nothing can be fetched there): their backup/ and code/
+# go into .reference/, which .git/info/exclude ignores (never committed), and travel with the run:
+#   mkdir -p .reference && git -C <mirror of PedroRASB/ISNet> archive HEAD backup code | tar -x -C .reference
+#   grep -qx '/.reference/' .git/info/exclude || echo '/.reference/' >> .git/info/exclude
+#   device run, carry [".reference"]:
+#     pip install --no-deps -e . && ISNET_REFERENCE=.reference bash bench/gpu_check.sh "$OUT/gpu-check"
 # Other options go to bench/gpu_check.py (--total-budget S, --test-budget S, --only STEP...,
 # --fail-step STEP, --device, --compile-backend); see python bench/gpu_check.py --help.
 #
