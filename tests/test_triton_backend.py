@@ -11,7 +11,7 @@ pytest.importorskip("triton")
 
 import isnet_fast.model  # noqa: E402
 from helpers import load_fixture, rel_err  # noqa: E402
-from isnet_fast import DenseNet, IsDenseFast  # noqa: E402
+from isnet_fast import DenseNet, IsDenseFast, IsResNetFast, ResNet  # noqa: E402
 from isnet_fast.engine import torch_ops
 from test_parity import assert_matches_fixture, build_from_fixture  # noqa: E402
 
@@ -150,3 +150,43 @@ def test_triton_and_torch_backends_agree_on_odd_sizes(zb, train):
 
 def test_triton_and_torch_backends_agree_with_default_epsilon():
     assert_backends_agree(run_both(zb=True, train=False, e=1e-2))
+
+
+# ---------------------------------------------------------------------------------------------
+# No host syncs on CUDA
+# ---------------------------------------------------------------------------------------------
+
+def _small_wrapped(arch):
+    torch.manual_seed(0)
+    if arch == "densenet":
+        net = DenseNet(growth_rate=3, block_config=(2, 2), num_init_features=5, bn_size=1, num_classes=3)
+        return IsDenseFast(net, check_finite=False)
+    net = ResNet("bottleneck", (1, 1), 3, stem_width=8, widths=(4, 6))
+    return IsResNetFast(net, check_finite=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("arch", ["densenet", "resnet"])
+def test_cuda_pass_waits_for_the_gpu_nowhere(arch, mode):
+    """Forward, heatmaps and (in train mode) backward queue their work without waiting for the GPU:
+    no .item(), no blocking host copy, no boolean-mask indexing. CUDA's sync debug mode "error"
+    raises at any of them. The NaN check, which syncs once by design, is off."""
+    model = _small_wrapped(arch).cuda().train(mode == "train")
+    x = torch.rand(2, 3, 40, 44, device="cuda")
+
+    def step():
+        y, R = model(x)
+        if mode == "train":
+            (R.square().sum() + y.sum()).backward()
+        return R
+
+    step()  # compiles the kernels and caches their scalar tensors (one host copy each)
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        R = step()
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    assert R.is_cuda and torch.isfinite(R).all()

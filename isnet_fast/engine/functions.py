@@ -108,9 +108,10 @@ def max_unpool_overwrite(relevance, indices, input_hw, kernel_size, stride):
 
 def signed_epsilon(z: torch.Tensor, e: float) -> torch.Tensor:
     """e * sign(z) with sign(0) = +1 (and -0.0 counted as 0), a new tensor shaped and typed as z."""
-    # e and -e as 0-dim tensors of z's dtype: Python floats would make where's result float32
-    # for a float64 z; one select pass instead of a cast, a scale and a shift
-    plus, minus = (torch.tensor(v, dtype=z.dtype, device=z.device) for v in (e, -e))
+    # e and -e as 0-dim tensors of z's dtype (Python floats would make where's result float32 for a
+    # float64 z), filled on z's device (torch.tensor would copy from the host, a sync on CUDA);
+    # one select pass instead of a cast, a scale and a shift
+    plus, minus = z.new_full((), e), z.new_full((), -e)
     return torch.where(z >= 0, plus, minus)
 
 
