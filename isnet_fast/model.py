@@ -22,6 +22,7 @@ from .engine.densenet.relevance import relevance
 from .engine.densenet.plan import build_plan
 
 BACKENDS = ("auto", "torch", "triton")
+DENSENET_PREFIX = "DenseNet."  # IsDenseFast's state-dict keys: the wrapped network's, prefixed
 
 
 class ISNetFast(nn.Module):
@@ -439,9 +440,6 @@ def state_dict_mismatch(model: nn.Module, state_dict: Mapping[str, Any], strict:
         return "\n".join(lines)
     classifier = [item for item in reshaped if item.startswith("classifier.")]  # the likeliest reason: shown first
     return "\n".join(lines + mismatch_lines(missing, unexpected, reshaped, DENSENET_PREFIX, first=classifier[:1]))
-
-
-DENSENET_PREFIX = "DenseNet."
 
 
 def key_mismatches(expected: Mapping[str, Any], state_dict: Mapping[str, Any], strict: bool,

@@ -17,6 +17,8 @@ from .model import ISNetFast, check_flag, key_mismatches, mismatch_lines
 from .engine.resnet.plan import build_resnet_plan
 from .engine.resnet.relevance import check_resnet_input, resnet_relevance, run_resnet_forward
 
+RESNET_PREFIX = "resnet."  # IsResNetFast's state-dict keys: the wrapped network's, prefixed
+
 
 class IsResNetFast(ISNetFast):
     """Drop-in for the authors' ``LRPResNet(network, heat, e, Zb, rule='e', ...)``.
@@ -96,6 +98,3 @@ def resnet_state_dict_mismatch(model: nn.Module, state_dict: Mapping[str, object
         return None
     lines = ["the state dict does not fit the model (another ResNet depth, width or number of classes?)"]
     return "\n".join(lines + mismatch_lines(missing, unexpected, reshaped, RESNET_PREFIX))
-
-
-RESNET_PREFIX = "resnet."

@@ -106,18 +106,14 @@ def max_unpool_overwrite(relevance, indices, input_hw, kernel_size, stride):
 # over memory in backward. Shapes and layouts as in ``torch_ops`` (channels-last views inside).
 # ---------------------------------------------------------------------------------------------
 
-def signed_epsilon(z: torch.Tensor, e: float) -> torch.Tensor:
-    """e * sign(z) with sign(0) = +1 (and -0.0 counted as 0), a new tensor shaped and typed as z."""
+def stabilized(z: torch.Tensor, e: float) -> torch.Tensor:
+    """z + e * sign(z) with sign(0) = +1 (-0.0 counted as 0), in a new tensor. The sign term is a
+    constant for autograd: the backward passes straight through to z."""
     # e and -e as 0-dim tensors of z's dtype (Python floats would make where's result float32 for a
     # float64 z), filled on z's device (torch.tensor would copy from the host, a sync on CUDA);
     # one select pass instead of a cast, a scale and a shift
-    plus, minus = z.new_full((), e), z.new_full((), -e)
-    return torch.where(z >= 0, plus, minus)
-
-
-def stabilized(z: torch.Tensor, e: float) -> torch.Tensor:
-    """z + e * sign(z) (sign(0) = +1) in a new tensor, as ``torch_ops.stabilize`` computes it."""
-    return signed_epsilon(z, e).add_(z)
+    sign_term = torch.where(z.detach() >= 0, z.new_full((), e), z.new_full((), -e))
+    return sign_term.add_(z)
 
 
 def _map_sum_of_products(grad: torch.Tensor, rel: torch.Tensor) -> torch.Tensor:
@@ -163,19 +159,17 @@ class GatedProduct(torch.autograd.Function):
             # that times the fold's scale
             q = _map_sum_of_products(grad_out_v, channels_last_view(rel)).div_(denominator)
             through_denominator = q * gate
-            if scale is None:
-                grad_act = q
-                grad_pre = through_denominator.neg_()
-            else:
+            if scale is not None:
                 act_v, pre_v = channels_last_view(act), channels_last_view(pre)
                 if ctx.needs_input_grad[3]:
                     grad_scale = _channel_sum(q * act_v - through_denominator * pre_v)
                 if ctx.needs_input_grad[4]:
                     grad_shift = _channel_sum(through_denominator).neg_()
-                grad_act = q.mul_(scale) if ctx.needs_input_grad[1] else None
-                grad_pre = through_denominator.mul_(scale).neg_() if ctx.needs_input_grad[2] else None
-            grad_act = None if grad_act is None or not ctx.needs_input_grad[1] else channels_first_view(grad_act)
-            grad_pre = None if grad_pre is None or not ctx.needs_input_grad[2] else channels_first_view(grad_pre)
+            if ctx.needs_input_grad[1]:
+                grad_act = channels_first_view(q if scale is None else q.mul_(scale))
+            if ctx.needs_input_grad[2]:
+                grad_pre = through_denominator if scale is None else through_denominator.mul_(scale)
+                grad_pre = channels_first_view(grad_pre.neg_())
         return grad_rel, grad_act, grad_pre, grad_scale, grad_shift, None
 
 

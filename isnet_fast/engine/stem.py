@@ -19,7 +19,7 @@ from .torch_ops import merge_batch_and_classes, split_batch_and_classes
 def check_stem_pool(pool: nn.MaxPool2d, name: str) -> None:
     """Raises UnsupportedModelError unless the pool has square settings and dilation 1, what the
     un-pooling kernels read."""
-    for what in ("kernel_size", "stride", "padding", "dilation"):
+    for what in ("kernel_size", "stride", "padding"):
         pair = nn.modules.utils._pair(getattr(pool, what))
         if pair[0] != pair[1]:
             raise UnsupportedModelError(f"{name!r} must have a square {what}, got {pair}")

@@ -17,13 +17,12 @@ import torch
 import torch.nn.functional as F
 
 from .functions import (GatedProduct, ResidualShortcutAdd, ResidualSplitGated, channels_first_view, channels_last_view,
-                        max_unpool_overwrite, max_unpool_sum_pixels, signed_epsilon, stabilized)
+                        max_unpool_overwrite, max_unpool_sum_pixels, stabilized)
 
 
 def stabilize(z: torch.Tensor, e: float) -> torch.Tensor:
-    """z + e * sign(z), with sign(0) = +1."""
-    # The sign term is a constant for autograd: adding it keeps the backward a pass-through.
-    return z + signed_epsilon(z.detach(), e)
+    """z + e * sign(z), with sign(0) = +1 (``functions.stabilized``: with or without autograd)."""
+    return stabilized(z, e)
 
 
 def merge_batch_and_classes(t: torch.Tensor) -> torch.Tensor:
