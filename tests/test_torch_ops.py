@@ -98,3 +98,15 @@ def test_stabilisers_add_e_times_the_sign_with_zero_counted_positive(dtype, e):
         assert torch.equal(got, expected), stabiliser.__name__
     nan = torch.tensor([float("nan")], dtype=dtype)
     assert torch.isnan(functions.stabilized(nan, e)).all() and torch.isnan(torch_ops.stabilize(nan, e)).all()
+
+
+def test_stabiliser_passes_the_gradient_straight_through_and_keeps_channels_last():
+    z = torch.randn(2, 5, 3, 4, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    z[0, 0] = 0.0
+    z[1, 0] = -0.0
+    z.requires_grad_()
+    stabilised = functions.stabilized(z, 0.5)
+    assert stabilised.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(stabilised[:, 0].detach(), torch.full_like(stabilised[:, 0], 0.5))
+    stabilised.backward(torch.arange(z.numel(), dtype=z.dtype).view(z.shape))
+    assert torch.equal(z.grad, torch.arange(z.numel(), dtype=z.dtype).view(z.shape))

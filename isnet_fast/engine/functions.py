@@ -109,10 +109,12 @@ def max_unpool_overwrite(relevance, indices, input_hw, kernel_size, stride):
 def stabilized(z: torch.Tensor, e: float) -> torch.Tensor:
     """z + e * sign(z) with sign(0) = +1 (-0.0 counted as 0), in a new tensor. The sign term is a
     constant for autograd: the backward passes straight through to z."""
-    # e and -e as 0-dim tensors of z's dtype (Python floats would make where's result float32 for a
-    # float64 z), filled on z's device (torch.tensor would copy from the host, a sync on CUDA);
-    # one select pass instead of a cast, a scale and a shift
-    sign_term = torch.where(z.detach() >= 0, z.new_full((), e), z.new_full((), -e))
+    # e's sign copied from z's: one vectorised pass (torch.where's CPU loop is not vectorised, and
+    # was six times slower). Adding +0.0 first turns -0.0 into +0.0, so that it counts as 0.
+    # e is a 0-dim tensor of z's dtype (a Python float would make the result float32 for a float64
+    # z), filled on z's device (torch.tensor would copy from the host, a sync on CUDA).
+    sign_term = z.detach() + 0.0
+    torch.copysign(z.new_full((), e), sign_term, out=sign_term)
     return sign_term.add_(z)
 
 
