@@ -86,10 +86,11 @@ def test_no_grad_forward_computes_relus_in_place_but_calls_hooked_ones():
     assert rel_err(y_grad, y) <= 1e-14 and rel_err(heatmaps_grad, heatmaps) <= 1e-12
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("e", [1e-2, 1e-9, 0.3], ids=lambda e: f"e={e}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("e", [1e-2, 1e-9, 0.3, 0.0], ids=lambda e: f"e={e}")
 def test_stabilisers_add_e_times_the_sign_with_zero_counted_positive(dtype, e):
-    z = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 2.5, -2.5, float("inf"), -float("inf")], dtype=torch.float64).to(dtype)
+    tiny = torch.finfo(dtype).tiny  # the smallest normal number of the dtype, either sign
+    z = torch.tensor([0.0, -0.0, tiny, -tiny, 2.5, -2.5, float("inf"), -float("inf")], dtype=torch.float64).to(dtype)
     sign = torch.tensor([1, 1, 1, -1, 1, -1, 1, -1], dtype=dtype)
     expected = sign * torch.tensor(e, dtype=dtype) + z  # e in the input's dtype, added last
     for stabiliser in (functions.stabilized, torch_ops.stabilize):
