@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from typing import NamedTuple, Tuple
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -24,8 +25,14 @@ from isnet_fast.benchmark import CaseSpec, prepare_case
 CONVOLUTION_OPS = (torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default)
 
 
+class TensorLayout(NamedTuple):
+    shape: Tuple[int, ...]
+    stride: Tuple[int, ...]
+    dtype: torch.dtype
+
+
 class RecordConvolutions(TorchDispatchMode):
-    """Keeps each convolution call's op and arguments, tensors as (shape, stride, dtype)."""
+    """Keeps each convolution call's op and arguments, tensors as their ``TensorLayout``."""
 
     def __init__(self):
         super().__init__()
@@ -33,7 +40,8 @@ class RecordConvolutions(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func in CONVOLUTION_OPS:
-            described = [(tuple(a.shape), a.stride(), a.dtype) if isinstance(a, torch.Tensor) else a for a in args]
+            described = [TensorLayout(tuple(a.shape), a.stride(), a.dtype) if isinstance(a, torch.Tensor) else a
+                         for a in args]
             self.calls.append((func, described))
         return func(*args, **(kwargs or {}))
 
@@ -42,8 +50,8 @@ def materialise(calls):
     """The recorded calls with random tensors of the recorded shapes and strides."""
     replay = []
     for func, described in calls:
-        args = [torch.empty_strided(a[0], a[1], dtype=a[2]).normal_() if isinstance(a, tuple) and len(a) == 3
-                and isinstance(a[2], torch.dtype) else a for a in described]
+        args = [torch.empty_strided(a.shape, a.stride, dtype=a.dtype).normal_() if isinstance(a, TensorLayout) else a
+                for a in described]
         replay.append((func, args))
     return replay
 
