@@ -20,9 +20,8 @@ from .functions import (GatedProduct, ResidualShortcutAdd, ResidualSplitGated, c
                         max_unpool_overwrite, max_unpool_sum_pixels, stabilized)
 
 
-def stabilize(z: torch.Tensor, e: float) -> torch.Tensor:
-    """z + e * sign(z), with sign(0) = +1 (``functions.stabilized``: with or without autograd)."""
-    return stabilized(z, e)
+# z + e * sign(z), with sign(0) = +1, with or without autograd: the ops modules' name for it
+stabilize = stabilized
 
 
 def merge_batch_and_classes(t: torch.Tensor) -> torch.Tensor:
