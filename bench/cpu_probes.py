@@ -82,16 +82,21 @@ def weight_layout(pairs: int, threads: int) -> None:
     print(f"channels_last / NCHW, median of the pairs: {statistics.median(ratios):.3f}")
 
 
-def small_step_copies(threads: int) -> None:
-    """One profiled train step at 32 x 32 pixels: what its copies cost when activations are tiny."""
+def profiled_step(size: int, threads: int):
+    """The profiler's per-operator rows of one train step, after two untimed ones."""
     from torch.profiler import profile
 
-    case = resnet50_train_case(32, threads)
+    case = resnet50_train_case(size, threads)
     case.step()
     case.step()
     with profile() as prof:
         case.step()
-    copies = [row for row in prof.key_averages() if row.key == "aten::copy_"]
+    return prof.key_averages()
+
+
+def small_step_copies(threads: int) -> None:
+    """One profiled train step at 32 x 32 pixels: what its copies cost when activations are tiny."""
+    copies = [row for row in profiled_step(32, threads) if row.key == "aten::copy_"]
     count = sum(row.count for row in copies)
     milliseconds = sum(row.self_cpu_time_total for row in copies) / 1000
     print(f"resnet50 train, batch 2, 3 classes, 32 x 32, {threads} threads, one profiled step: "
@@ -103,14 +108,7 @@ CONVOLUTION_OPERATORS = ("aten::convolution_backward", "aten::_convolution", "at
 
 def operator_times(threads: int) -> None:
     """One profiled train step at 224 x 224: the operators' own (self) times, convolutions and the rest."""
-    from torch.profiler import profile
-
-    case = resnet50_train_case(224, threads)
-    case.step()
-    case.step()
-    with profile() as prof:
-        case.step()
-    rows = [row for row in prof.key_averages() if row.key.startswith("aten::")]
+    rows = [row for row in profiled_step(224, threads) if row.key.startswith("aten::")]
     convolutions = sum(row.self_cpu_time_total for row in rows if row.key in CONVOLUTION_OPERATORS) / 1000
     rest = sum(row.self_cpu_time_total for row in rows if row.key not in CONVOLUTION_OPERATORS) / 1000
     print(f"resnet50 train, batch 2, 3 classes, 224 x 224, {threads} threads, one profiled step: "

@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
 FIXTURE_DIR = Path(__file__).resolve().parent / "fixtures"
+BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"
+
+
+def load_bench_script(filename: str, module_name: str) -> ModuleType:
+    """Imports ``bench/<filename>`` (the scripts are no package) as ``module_name``, registered in
+    ``sys.modules`` (dataclasses look their module up there) unless a module of that name is."""
+    spec = importlib.util.spec_from_file_location(module_name, BENCH_DIR / filename)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(module_name, module)
+    spec.loader.exec_module(module)
+    return module
 
 
 def load_fixture(name: str):

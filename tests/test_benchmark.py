@@ -451,13 +451,9 @@ def test_find_references_reports_what_is_missing(tmp_path):
 
 
 def test_the_bench_suite_cases_are_valid_specs():
-    import importlib.util
-    from pathlib import Path
+    from helpers import load_bench_script
 
-    path = Path(__file__).resolve().parent.parent / "bench" / "test_bench.py"
-    module_spec = importlib.util.spec_from_file_location("isnet_fast_bench_suite", path)
-    suite = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(suite)
+    suite = load_bench_script("test_bench.py", "isnet_fast_bench_suite")
     ids = [suite._case_id(case) for case in suite.CASES]
     assert len(set(ids)) == len(ids)
     labels = set()

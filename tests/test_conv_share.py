@@ -1,23 +1,16 @@
 """``bench/conv_share.py``: it records every convolution of a train step (one transposed
 convolution per convolution, each with its backward) and replays them alone."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn as nn
 
+from helpers import load_bench_script
 from isnet_fast.benchmark import CaseSpec, prepare_case
-
-SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "conv_share.py"
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("conv_share", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("conv_share.py", "conv_share")
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "densenet121"])

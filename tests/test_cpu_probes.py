@@ -1,19 +1,13 @@
 """``bench/cpu_probes.py``: the stabiliser probe compares the two versions bit for bit."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "cpu_probes.py"
+from helpers import load_bench_script
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("cpu_probes", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("cpu_probes.py", "cpu_probes")
 
 
 def test_the_stabiliser_probe_times_both_versions_on_zeros_of_both_signs(capsys):

@@ -3,7 +3,6 @@ steps made to fail (the others must still run and pass), and its plan for the de
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import load_bench_script
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "bench" / "gpu_check.sh"
 DRIVER = ROOT / "bench" / "gpu_check.py"
@@ -21,11 +22,7 @@ STATUSES = {"passed", "failed", "skipped"}
 
 
 def load_driver():
-    spec = importlib.util.spec_from_file_location("gpu_check", DRIVER)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("gpu_check", module)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("gpu_check.py", "gpu_check")
 
 
 def clean_env():
